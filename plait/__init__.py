@@ -1,0 +1,28 @@
+"""plait: split PyTorch models across workers by pipeline, tensor and task parallelism.
+
+The public API::
+
+    plait.launch(fn, world_size, *args)   # run fn on N local workers (or join torchrun)
+    plait.Mesh(dp, pp, tp)                # this rank's place and process groups
+    plait.models.Transformer              # the reference decoder-only transformer
+    plait.ByteDataset                     # byte-level text data, deterministic per seed
+    plait.train(TrainConfig(...))         # the training loop
+"""
+
+from plait.data import ByteDataset
+from plait.launch import WorkerError, launch
+from plait.mesh import Mesh, MeshShape
+from plait.train import TrainConfig, train
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ByteDataset",
+    "Mesh",
+    "MeshShape",
+    "TrainConfig",
+    "WorkerError",
+    "launch",
+    "train",
+    "__version__",
+]

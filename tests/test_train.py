@@ -1,0 +1,96 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from plait.data import ByteDataset
+from plait.train import TrainConfig, train
+
+
+def test_tiny_loss_falls_clearly_over_50_steps():
+    hist = train(TrainConfig(model="tiny", steps=50, progress=False))
+    first = sum(r["loss"] for r in hist[:5]) / 5
+    last = sum(r["loss"] for r in hist[-5:]) / 5
+    assert first > 5.0  # about ln(256) at the start
+    assert last < first - 2.0, (first, last)
+
+
+def test_equal_seeds_give_bit_identical_losses():
+    a = train(TrainConfig(steps=8, seed=3, progress=False))
+    b = train(TrainConfig(steps=8, seed=3, progress=False))
+    c = train(TrainConfig(steps=8, seed=4, progress=False))
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["loss"] for r in a] != [r["loss"] for r in c]
+
+
+def test_batches_are_a_function_of_seed_and_step():
+    text = bytes(
+        torch.randint(0, 256, (5000,), generator=torch.Generator().manual_seed(0)).tolist()
+    )
+    ds, same, other = (ByteDataset(text, seed=s) for s in (1, 1, 2))
+    x, y = ds.batch(5, 4, 16)
+    assert (x[:, 1:] == y[:, :-1]).all()
+    assert x.equal(same.batch(5, 4, 16)[0])
+    assert not x.equal(ds.batch(6, 4, 16)[0])
+    assert not x.equal(other.batch(5, 4, 16)[0])
+
+
+def test_default_corpus_is_the_standard_library():
+    ds = ByteDataset.from_path(None)
+    assert len(ds) > 1_000_000
+    assert b"import " in bytes(ds.tokens[:200_000].to(torch.uint8).tolist())
+
+
+def test_cli_train_writes_metrics(tmp_path):
+    data = tmp_path / "text.txt"
+    data.write_text("hello plait " * 500)
+    out = tmp_path / "m.jsonl"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "plait.cli",
+            "train",
+            "--steps",
+            "3",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--data",
+            str(data),
+            "--metrics-out",
+            str(out),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert all({"loss", "step_time_s", "tokens_per_s"} <= r.keys() for r in rows)
+
+
+def test_cli_help_lists_commands():
+    out = subprocess.run(
+        [sys.executable, "-m", "plait.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "train" in out and "demo" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--model", "huge"], "unknown model 'huge'"),
+        (["--seq-len", "999"], "--seq-len 999 exceeds model 'tiny'"),
+        (["--data", "/nonexistent.txt"], "--data '/nonexistent.txt' is not a readable file"),
+    ],
+)
+def test_cli_bad_input_is_named(args, message):
+    res = subprocess.run(
+        [sys.executable, "-m", "plait.cli", "train", *args], capture_output=True, text=True
+    )
+    assert res.returncode == 2
+    assert message in res.stderr
