@@ -1,0 +1,1 @@
+"""Depth-wise parallelism: partitioning, the schedule IR and its generators, the runtime."""
