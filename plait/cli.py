@@ -11,8 +11,9 @@ __all__ = ["main", "build_parser"]
 def _add_train(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="train the reference transformer",
-        description="Train the reference transformer on byte-level text.",
+        help="train the reference transformer on a dp x pp x tp mesh",
+        description="Train the reference transformer on byte-level text, on one "
+        "process or a dp x pp x tp mesh of local workers.",
     )
     p.add_argument("--model", default="tiny", help="model preset (tiny, small)")
     p.add_argument("--steps", type=int, default=50)
@@ -20,20 +21,69 @@ def _add_train(sub) -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip; 0 disables")
     p.add_argument("--dtype", default="float32", help="float32, float64 or bfloat16")
     p.add_argument(
         "--data",
         default=None,
         help="a text file; default: the Python standard library's source on this machine",
     )
-    p.add_argument(
+    mesh = p.add_argument_group("mesh (world = dp x pp x tp local workers)")
+    mesh.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    mesh.add_argument("--pp", type=int, default=1, help="pipeline stages")
+    mesh.add_argument("--tp", type=int, default=1, help="tensor-parallel width")
+    mesh.add_argument(
+        "--schedule",
+        default="1f1b",
+        help="pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-v",
+    )
+    mesh.add_argument(
+        "--microbatches", type=int, default=None, help="micro-batches per step (default: pp)"
+    )
+    mesh.add_argument("--virtual", type=int, default=1, help="model chunks per pipeline rank")
+    mesh.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="shard norms along the sequence in tensor-parallel regions",
+    )
+    out = p.add_argument_group("outputs and fault tolerance")
+    out.add_argument(
         "--metrics-out", default=None, metavar="FILE.jsonl", help="write one JSON object per step"
+    )
+    out.add_argument(
+        "--trace-out",
+        default=None,
+        metavar="FILE.json",
+        help="the last step's measured timeline as a Chrome trace (Perfetto)",
+    )
+    out.add_argument(
+        "--timeline-png",
+        default=None,
+        metavar="FILE.png",
+        help="the last step's timeline as a Gantt chart",
+    )
+    out.add_argument("--checkpoint-dir", default=None)
+    out.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
+    out.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in --checkpoint-dir",
+    )
+    out.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        help="seconds a collective may wait before the job fails",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args) -> int:
+    from plait.launch import WorkerError
     from plait.train import TrainConfig, train
 
     cfg = TrainConfig(
@@ -43,14 +93,43 @@ def _cmd_train(args) -> int:
         seq_len=args.seq_len,
         seed=args.seed,
         lr=args.lr,
+        lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
         dtype=args.dtype,
         data=args.data,
+        dp=args.dp,
+        pp=args.pp,
+        tp=args.tp,
+        schedule=args.schedule,
+        microbatches=args.microbatches,
+        virtual=args.virtual,
+        sequence_parallel=args.sequence_parallel,
         metrics_out=args.metrics_out,
+        trace_out=args.trace_out,
+        timeline_png=args.timeline_png,
+        checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        timeout=args.timeout,
         progress=not args.no_progress,
     )
-    history = train(cfg)
-    first, last = history[0]["loss"], history[-1]["loss"]
-    print(f"loss {first:.4f} -> {last:.4f} over {len(history)} steps")
+    try:
+        history = train(cfg)
+    except WorkerError as exc:
+        print(f"plait train: {exc}", file=sys.stderr)
+        if cfg.checkpoint_dir:
+            print(
+                "plait train: rerun with --resume to continue from the last complete checkpoint",
+                file=sys.stderr,
+            )
+        return 1
+    if history:
+        first, last = history[0]["loss"], history[-1]["loss"]
+        print(
+            f"loss {first:.4f} -> {last:.4f} over steps {history[0]['step']}..{history[-1]['step']}"
+        )
     return 0
 
 

@@ -1,25 +1,49 @@
-"""The training loop: a model, its data, AdamW, per-step metrics.
+"""The training loop over a dp x pp x tp mesh: AdamW, clipping, checkpoints, metrics, timelines.
 
-``train(TrainConfig(...))`` runs the reference transformer on byte-level data and returns one
-metrics dict per step (also appended to ``metrics_out`` as JSON lines as they happen).
+``train(TrainConfig(...))`` runs on one process when ``dp * pp * tp == 1`` and otherwise launches
+that many local workers (or joins a torchrun job). Every rank runs :func:`run_rank`: it builds the
+full reference model from the seed (or loads it from a checkpoint), keeps and shards its own part
+(:mod:`plait.train_parts`), and then for each step
+
+1. takes its data-parallel slice of the global batch (batches depend only on seed and step),
+2. runs forward and backward over the micro-batches (a pipeline schedule when ``pp > 1``),
+3. averages gradients over the dp group (bucketed, overlapped with backward),
+4. clips by the global norm over all shards, and steps AdamW with a warmup + cosine schedule.
+
+Rank 0 writes the metrics (one JSON line per step), checkpoints are saved collectively, and the
+measured timeline of the last step can be written as a Chrome trace and a Gantt PNG.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import resource
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from plait.checkpoint import (
+    gather_full,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    take_shard,
+)
 from plait.data import ByteDataset
+from plait.grads import GradSync, clip_grad_norm
+from plait.launch import launch
+from plait.mesh import Mesh
 from plait.models import Transformer, get_config
 from plait.progress import progress_bar
+from plait.trace import Event, Timeline
 
-__all__ = ["TrainConfig", "train"]
+__all__ = ["TrainConfig", "train", "run_rank"]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -28,7 +52,7 @@ class TrainConfig:
 
     Example::
 
-        metrics = train(TrainConfig(model="tiny", steps=50))
+        metrics = train(TrainConfig(model="tiny", steps=50, pp=2, tp=2, schedule="1f1b"))
         metrics[-1]["loss"] < metrics[0]["loss"]
     """
 
@@ -38,65 +62,293 @@ class TrainConfig:
     seq_len: int = 64
     seed: int = 0
     lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     data: str | None = None
     dtype: str = "float32"
+    # the mesh
+    dp: int = 1
+    pp: int = 1
+    tp: int = 1
+    schedule: str = "1f1b"
+    microbatches: int | None = None
+    virtual: int = 1
+    sequence_parallel: bool = False
+    # outputs and fault tolerance
     metrics_out: str | None = None
+    trace_out: str | None = None
+    timeline_png: str | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    timeout: float = 60.0
     progress: bool = True
 
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.pp * self.tp
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.microbatches or max(1, self.pp)
+
     def validate(self) -> None:
-        get_config(self.model)  # raises on an unknown name
-        for name in ("steps", "batch_size", "seq_len"):
-            if getattr(self, name) < 1:
+        """Raise ValueError naming the first bad setting (before any process starts)."""
+        mcfg = get_config(self.model)
+        for name in ("steps", "batch_size", "seq_len", "dp", "pp", "tp", "virtual"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
                 raise ValueError(
-                    f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                    f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}"
                 )
+        if self.microbatches is not None and self.microbatches < 1:
+            raise ValueError(f"--microbatches must be >= 1, got {self.microbatches}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"--dtype {self.dtype!r} is not one of {sorted(_DTYPES)}")
-        max_len = get_config(self.model).max_seq_len
-        if self.seq_len > max_len:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"--lr-schedule {self.lr_schedule!r} is not 'constant' or 'cosine'")
+        if self.seq_len > mcfg.max_seq_len:
             raise ValueError(
-                f"--seq-len {self.seq_len} exceeds model {self.model!r}'s max_seq_len={max_len}"
+                f"--seq-len {self.seq_len} exceeds model {self.model!r}'s "
+                f"max_seq_len={mcfg.max_seq_len}"
             )
+        if self.batch_size % self.dp:
+            raise ValueError(
+                f"--batch-size {self.batch_size} must divide evenly over --dp "
+                f"{self.dp} replicas (try {self.dp * max(1, self.batch_size // self.dp)})"
+            )
+        local = self.batch_size // self.dp
+        if self.num_microbatches > local:
+            raise ValueError(
+                f"--microbatches {self.num_microbatches} exceeds the "
+                f"{local} sequences each replica gets per step"
+            )
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("--resume needs --checkpoint-dir")
+        from plait.train_parts import validate_parallel
+
+        validate_parallel(self, mcfg)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of ``step``: linear warmup, then constant or cosine down to min_lr_ratio."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (
+        cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    )
 
 
 def train(cfg: TrainConfig) -> list[dict]:
-    """Train on one process; returns the per-step metrics."""
+    """Run training; returns the per-step metrics (as rank 0 recorded them)."""
     cfg.validate()
+    if cfg.world_size == 1 and not (dist.is_available() and dist.is_initialized()):
+        return run_rank(cfg)
+    results = launch(run_rank, cfg.world_size, cfg, timeout=cfg.timeout)
+    return results[0]
+
+
+def run_rank(cfg: TrainConfig) -> list[dict] | None:
+    """The whole run on this rank (inside a launched worker, or the only process)."""
+    from plait.train_parts import build_local
+
     torch.manual_seed(cfg.seed)
+    mesh = Mesh(cfg.dp, cfg.pp, cfg.tp)
+    rank0 = mesh.rank == 0
+    dtype = DTYPES[cfg.dtype]
     data = ByteDataset.from_path(cfg.data, seed=cfg.seed)
-    model = Transformer(get_config(cfg.model), seed=cfg.seed).to(_DTYPES[cfg.dtype])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    out = Path(cfg.metrics_out).open("w") if cfg.metrics_out else None
+    full = Transformer(get_config(cfg.model), seed=cfg.seed).to(dtype)
+    start_step, resume_from = 0, None
+    if cfg.resume:
+        resume_from = latest_checkpoint(cfg.checkpoint_dir)
+    local = build_local(full, mesh, cfg)
+    params = local.params  # original full-model name -> this rank's (possibly sharded) parameter
+    full_shapes = {n: tuple(p.shape) for n, p in full.named_parameters()}
+    del full
+    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if resume_from is not None:
+        start_step = _load(resume_from, params, full_shapes, opt, mesh)
+    comm = {"dp": 0}
+    sync = GradSync(
+        params.values(), mesh.group("dp"), on_bytes=lambda n: comm.__setitem__("dp", comm["dp"] + n)
+    )
+    out = _open_metrics(cfg.metrics_out, start_step) if rank0 and cfg.metrics_out else None
     history: list[dict] = []
+    local_batch = cfg.batch_size // cfg.dp
     tokens = cfg.batch_size * cfg.seq_len
+    timeline = None
     try:
-        with progress_bar(cfg.steps, f"train {cfg.model}", cfg.progress) as update:
-            for step in range(cfg.steps):
+        with progress_bar(
+            cfg.steps - start_step, f"train {cfg.model}", rank0 and cfg.progress
+        ) as update:
+            for step in range(start_step, cfg.steps):
                 x, y = data.batch(step, cfg.batch_size, cfg.seq_len)
+                rows = slice(mesh.dp_rank * local_batch, (mesh.dp_rank + 1) * local_batch)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(cfg, step)
+                comm["dp"] = 0
+                local.reset_comm()
                 t0 = time.perf_counter()
-                loss = model.loss(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                sync.prepare(accumulations=cfg.num_microbatches)
+                loss = local.step(x[rows], y[rows])
+                sync.finish()
+                norm = clip_grad_norm(
+                    params.values(), cfg.grad_clip, mesh.group("tp"), mesh.tp_rank, mesh.group("pp")
+                )
                 opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss = _mean_over(loss, mesh.group("dp"))
                 dt = time.perf_counter() - t0
+                timeline = local.timeline
                 record = {
                     "step": step,
-                    "loss": loss.item(),
+                    "loss": loss,
                     "step_time_s": dt,
-                    "tokens_per_s": tokens / dt,
+                    "lr": lr_at(cfg, step),
+                    "grad_norm": norm,
+                    "bubble_fraction": timeline.bubble_fraction() if timeline else 0.0,
+                    "comm_bytes": {"dp": comm["dp"], **local.comm_bytes()},
+                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 }
-                history.append(record)
-                if out:
-                    out.write(json.dumps(record) + "\n")
-                    out.flush()
-                update(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                record = _gather_record(record, mesh)
+                record["tokens_per_s"] = tokens / record["step_time_s"]
+                if rank0:
+                    history.append(record)
+                    if out:
+                        out.write(json.dumps(record) + "\n")
+                        out.flush()
+                    update(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                done = step + 1
+                if (
+                    cfg.checkpoint_dir
+                    and cfg.checkpoint_every
+                    and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+                ):
+                    _save(cfg.checkpoint_dir, done, params, full_shapes, opt, mesh)
     finally:
         if out:
             out.close()
-    return history
+        sync.remove()
+    _write_timeline(cfg, timeline, mesh)
+    return history if rank0 else None
+
+
+def _open_metrics(path: str, start_step: int):
+    """Open the metrics file; on resume keep the records of steps before ``start_step`` only."""
+    p = Path(path)
+    kept = []
+    if start_step and p.exists():
+        kept = [
+            line
+            for line in p.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] < start_step
+        ]
+    f = p.open("w")
+    f.writelines(line + "\n" for line in kept)
+    return f
+
+
+def _mean_over(loss: float, group) -> float:
+    if group is None or dist.get_world_size(group) == 1:
+        return float(loss)
+    t = torch.tensor([float(loss)], dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return t.item() / dist.get_world_size(group)
+
+
+def _gather_record(record: dict, mesh: Mesh) -> dict:
+    """Rank 0's record, with per-rank peak memory and communication summed over ranks."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        record["peak_rss_mb_per_rank"] = [record.pop("peak_rss_mb")]
+        return record
+    parts: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(
+        parts,
+        {"rss": record["peak_rss_mb"], "comm": record["comm_bytes"], "time": record["step_time_s"]},
+    )
+    record.pop("peak_rss_mb")
+    record["peak_rss_mb_per_rank"] = [p["rss"] for p in parts]
+    record["comm_bytes"] = {
+        k: sum(p["comm"].get(k, 0) for p in parts)
+        for k in sorted({k for p in parts for k in p["comm"]})
+    }
+    record["step_time_s"] = max(p["time"] for p in parts)  # the step ends when the slowest does
+    return record
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+_OPT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _save(directory, step, params, full_shapes, opt, mesh: Mesh) -> None:
+    group = mesh.group("tp")
+    state: dict = {"step": step}
+    for name, p in params.items():
+        state[f"model.{name}"] = gather_full(p.data, full_shapes[name], group)
+        st = opt.state.get(p, {})
+        for key in _OPT_KEYS:
+            if key in st:
+                state[f"optim.{name}.{key}"] = gather_full(st[key], full_shapes[name], group)
+        if "step" in st:
+            state[f"optim.{name}.step"] = st["step"].detach().clone()
+    save_checkpoint(directory, step, state)
+
+
+def _load(path, params, full_shapes, opt, mesh: Mesh) -> int:
+    state: dict = {"step": 0}
+    for name, p in params.items():
+        state[f"model.{name}"] = torch.empty(full_shapes[name], dtype=p.dtype)
+        for key in _OPT_KEYS:
+            state[f"optim.{name}.{key}"] = torch.empty(full_shapes[name], dtype=p.dtype)
+        state[f"optim.{name}.step"] = torch.zeros((), dtype=torch.float32)
+    load_checkpoint(path, state)
+    tp_rank = mesh.tp_rank
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(take_shard(state[f"model.{name}"], tuple(p.shape), tp_rank))
+            opt.state[p] = {
+                "step": state[f"optim.{name}.step"],
+                **{
+                    k: take_shard(state[f"optim.{name}.{k}"], tuple(p.shape), tp_rank).to(p.dtype)
+                    for k in _OPT_KEYS
+                },
+            }
+    return int(state["step"])
+
+
+# --- timelines ------------------------------------------------------------------------------------
+
+
+def _write_timeline(cfg: TrainConfig, timeline: Timeline | None, mesh: Mesh) -> None:
+    """Gather every rank's timeline of the last step into one, tracks by global rank."""
+    if not (cfg.trace_out or cfg.timeline_png):
+        return
+    events = [
+        Event(**{**asdict(e), "rank": mesh.rank}) for e in (timeline.events if timeline else [])
+    ]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, events)
+        events = [e for part in parts for e in part]
+    if mesh.rank != 0:
+        return
+    merged = Timeline(mesh.shape.world_size, events, source="measured")
+    if cfg.trace_out:
+        merged.write_chrome_trace(cfg.trace_out)
+    if cfg.timeline_png:
+        merged.draw(
+            cfg.timeline_png,
+            title=f"plait train {cfg.model}: dp={cfg.dp} pp={cfg.pp} "
+            f"tp={cfg.tp} {cfg.schedule} m={cfg.num_microbatches} — measured bubble "
+            f"{merged.bubble_fraction():.1%}",
+        )

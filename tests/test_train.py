@@ -82,7 +82,7 @@ def test_cli_help_lists_commands():
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
         (["--model", "huge"], "unknown model 'huge'"),
         (["--seq-len", "999"], "--seq-len 999 exceeds model 'tiny'"),
         (["--data", "/nonexistent.txt"], "--data '/nonexistent.txt' is not a readable file"),

@@ -1,0 +1,169 @@
+"""Checkpoints that load into any mesh shape, written atomically with torch.distributed.checkpoint.
+
+What is saved is mesh-independent: every parameter and optimizer-state tensor in its *full,
+unsharded* shape under the reference model's parameter name (``blocks.3.mlp.fc_in.weight``),
+plus the step (the data position: batches are a function of seed and step) and RNG state. Each
+rank contributes the tensors of its own pipeline stage, gathered over its tensor group;
+torch.distributed.checkpoint de-duplicates the copies held by several ranks and writes in
+parallel. Loading reads, on each rank, only the tensors its stage needs and slices its own shard,
+so a run saved at (dp, pp, tp) = (1, 2, 2) resumes at (2, 1, 1), in one process, or any other
+shape.
+
+Atomicity: a checkpoint is written into ``step-NNNNNNNN.partial/`` and renamed to
+``step-NNNNNNNN/`` only after every rank has finished and the metadata is on disk. Directories
+that are still ``.partial`` (a crash mid-save) are never loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "latest_checkpoint",
+    "shard_dim",
+    "gather_full",
+    "take_shard",
+]
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def shard_dim(local: tuple[int, ...], full: tuple[int, ...]) -> int | None:
+    """The dimension along which ``local`` is a slice of ``full``, or None when not sharded."""
+    if tuple(local) == tuple(full):
+        return None
+    diff = [d for d, (a, b) in enumerate(zip(local, full)) if a != b]
+    if len(local) != len(full) or len(diff) != 1:
+        raise ValueError(
+            f"a local shard of shape {tuple(local)} is not a one-dimension slice of "
+            f"the full shape {tuple(full)}"
+        )
+    return diff[0]
+
+
+def gather_full(
+    local: torch.Tensor, full_shape: tuple[int, ...], group: dist.ProcessGroup | None
+) -> torch.Tensor:
+    """All-gather a tensor-parallel shard into the full tensor (dropping any end padding)."""
+    dim = shard_dim(tuple(local.shape), full_shape)
+    if dim is None:
+        return local.detach().clone()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local.detach().contiguous(), group=group)
+    return torch.cat(parts, dim=dim).narrow(dim, 0, full_shape[dim]).clone()
+
+
+def take_shard(full: torch.Tensor, local_shape: tuple[int, ...], rank: int) -> torch.Tensor:
+    """This tensor rank's slice of ``full`` shaped ``local_shape`` (zero padding at the end)."""
+    dim = shard_dim(tuple(local_shape), tuple(full.shape))
+    if dim is None:
+        return full
+    size = local_shape[dim]
+    start = rank * size
+    out = torch.zeros(local_shape, dtype=full.dtype)
+    avail = max(0, min(size, full.shape[dim] - start))
+    if avail:
+        out.narrow(dim, 0, avail).copy_(full.narrow(dim, start, avail))
+    return out
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint in ``directory`` (``.partial`` ones are ignored)."""
+    root = Path(directory)
+    if not root.is_dir():
+        return None
+    done = sorted(
+        (p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / ".metadata").is_file()),
+        key=lambda p: p.name,
+    )
+    return done[-1] if done else None
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, state: dict, keep: int = 3) -> Path:
+    """Save ``state`` (full tensors, plain values) as ``directory/step-<step>`` on every rank.
+
+    Collective: every rank calls it with its own part of the state; keys held by several ranks
+    must hold identical values (they are written once).
+    """
+    root = Path(directory)
+    final = root / f"step-{step:08d}"
+    partial = root / f"step-{step:08d}.partial"
+    rank0 = not _dist() or dist.get_rank() == 0
+    if rank0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+    if _dist():
+        dist.barrier()
+    with _quiet():
+        dcp.save(state, checkpoint_id=partial, no_dist=not _dist())
+    if _dist():
+        dist.barrier()  # every rank's files are on disk before the rename makes them visible
+    if rank0:
+        _fsync_dir(partial)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(root)
+        for old in sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    if _dist():
+        dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, state: dict) -> dict:
+    """Fill ``state`` in place from checkpoint ``path``: only the keys given are read.
+
+    Tensors must be pre-allocated in their full shape; plain values are replaced.
+    """
+    path = Path(path)
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata)")
+    with _quiet():
+        dcp.load(state, checkpoint_id=path, no_dist=not _dist())
+    return state
+
+
+def checkpoint_keys(path: str | os.PathLike) -> dict[str, tuple[int, ...] | None]:
+    """Keys stored in a checkpoint and their tensor shapes (None for plain values)."""
+    reader = dcp.FileSystemReader(str(path))
+    meta = reader.read_metadata()
+    out = {}
+    for key, md in meta.state_dict_metadata.items():
+        out[key] = tuple(md.size) if hasattr(md, "size") else None
+    return out
+
+
+@contextmanager
+def _quiet():
+    """Silence DCP's notice that a one-process save or load is not distributed: we meant it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

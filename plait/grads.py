@@ -1,0 +1,159 @@
+"""Gradients on a mesh: data-parallel averaging overlapped with backward, and global-norm clipping.
+
+:class:`GradSync` averages gradients over the data-parallel group. Parameters are packed into
+buckets (in reverse registration order, which is roughly the order backward finishes them); a
+post-accumulate hook counts each parameter's accumulations, and the moment every parameter of a
+bucket has received its last one for the step (one per micro-batch), that bucket's all-reduce is
+started asynchronously while backward continues. ``finish()`` starts whatever is left (parameters
+whose gradients arrived outside autograd's hooks) and waits.
+
+:func:`clip_grad_norm` clips by the norm of the *whole* model's gradient: squares are summed over
+the tensor group only for sharded parameters (replicated ones are counted once), then over the
+pipeline group; the data-parallel replicas already hold identical averaged gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["GradSync", "clip_grad_norm", "is_tp_sharded"]
+
+
+def is_tp_sharded(param: torch.Tensor) -> bool:
+    """True when ``param`` holds only this rank's slice of a tensor-parallel weight."""
+    return bool(getattr(param, "_plait_tp_sharded", False))
+
+
+class GradSync:
+    """Average gradients over ``group``, bucket by bucket, as soon as each bucket is final.
+
+    Example::
+
+        sync = GradSync(model.parameters(), mesh.group("dp"))
+        sync.prepare(accumulations=num_microbatches)
+        ...backward for every micro-batch...
+        sync.finish()   # grads are now averaged over the dp group
+    """
+
+    def __init__(
+        self,
+        params: Iterable[nn.Parameter],
+        group: dist.ProcessGroup | None,
+        bucket_bytes: int = 25 * 1024 * 1024,
+        on_bytes: Callable[[int], None] | None = None,
+    ):
+        self.group = group
+        self.size = dist.get_world_size(group) if group is not None else 1
+        self.params = [p for p in params if p.requires_grad]
+        self.on_bytes = on_bytes
+        self.buckets: list[list[nn.Parameter]] = []
+        current, size = [], 0
+        for p in reversed(self.params):
+            current.append(p)
+            size += p.numel() * p.element_size()
+            if size >= bucket_bytes:
+                self.buckets.append(current)
+                current, size = [], 0
+        if current:
+            self.buckets.append(current)
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self._expected = 1
+        self._count: dict[int, int] = {}
+        self._pending: list[int] = []
+        self._works: dict[int, tuple[dist.Work, torch.Tensor]] = {}
+        self._hooks = []
+        if self.size > 1:
+            self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
+
+    def prepare(self, accumulations: int) -> None:
+        """Start a step in which each parameter's gradient is accumulated ``accumulations`` times."""
+        self._expected = accumulations
+        self._count = {}
+        self._pending = [len(b) for b in self.buckets]
+        self._works = {}
+
+    def _on_grad(self, p: nn.Parameter) -> None:
+        n = self._count.get(id(p), 0) + 1
+        self._count[id(p)] = n
+        b = self._bucket_of[id(p)]
+        if n > self._expected:
+            raise RuntimeError(
+                f"a parameter's gradient was accumulated {n} times in one step but "
+                f"GradSync.prepare(accumulations={self._expected}) was told to expect "
+                f"{self._expected}; its bucket was already reduced"
+            )
+        if n == self._expected:
+            self._pending[b] -= 1
+            if self._pending[b] == 0:
+                self._launch(b)
+
+    def _launch(self, b: int) -> None:
+        grads = []
+        for p in self.buckets[b]:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad.reshape(-1))
+        flat = torch.cat(grads)
+        if self.on_bytes:
+            self.on_bytes(flat.numel() * flat.element_size())
+        self._works[b] = (dist.all_reduce(flat, group=self.group, async_op=True), flat)
+
+    def finish(self) -> None:
+        """Reduce any bucket not yet started, wait for all, and write averages into ``.grad``."""
+        if self.size == 1:
+            return
+        for b in range(len(self.buckets)):
+            if b not in self._works:
+                self._launch(b)
+        for b, (work, flat) in sorted(self._works.items()):
+            work.wait()
+            flat.div_(self.size)
+            offset = 0
+            for p in self.buckets[b]:
+                n = p.numel()
+                p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                offset += n
+        self._works = {}
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+
+def clip_grad_norm(
+    params: Iterable[nn.Parameter],
+    max_norm: float,
+    tp_group: dist.ProcessGroup | None = None,
+    tp_rank: int = 0,
+    pp_group: dist.ProcessGroup | None = None,
+) -> float:
+    """Clip gradients in place by the global norm over all shards and stages; returns the norm.
+
+    Sharded parameters (:func:`is_tp_sharded`) contribute their squares on every tensor rank;
+    replicated ones only on tensor rank 0, so nothing is counted twice.
+    """
+    params = [p for p in params if p.grad is not None]
+    dtype = params[0].grad.dtype if params else torch.float32
+    sharded = torch.zeros((), dtype=torch.float64)
+    replicated = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        sq = p.grad.detach().double().pow(2).sum()
+        if is_tp_sharded(p):
+            sharded += sq
+        else:
+            replicated += sq
+    total = sharded + (replicated if tp_rank == 0 else 0.0)
+    for group in (tp_group, pp_group):
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(total, group=group)
+    norm = total.sqrt().item()
+    if max_norm and norm > max_norm:
+        scale = torch.tensor(max_norm / (norm + 1e-6), dtype=dtype)
+        for p in params:
+            p.grad.mul_(scale)
+    return norm
