@@ -49,6 +49,11 @@ def _add_train(sub) -> None:
         action="store_true",
         help="shard norms along the sequence in tensor-parallel regions",
     )
+    mesh.add_argument(
+        "--zero1",
+        action="store_true",
+        help="shard optimizer state over the dp replicas (ZeRO stage 1)",
+    )
     out = p.add_argument_group("outputs and fault tolerance")
     out.add_argument(
         "--metrics-out", default=None, metavar="FILE.jsonl", help="write one JSON object per step"

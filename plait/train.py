@@ -40,6 +40,7 @@ from plait.mesh import Mesh
 from plait.models import Transformer, get_config
 from plait.progress import progress_bar
 from plait.trace import Event, Timeline
+from plait.zero import ZeroAdamW
 
 __all__ = ["TrainConfig", "train", "run_rank"]
 
@@ -77,6 +78,7 @@ class TrainConfig:
     microbatches: int | None = None
     virtual: int = 1
     sequence_parallel: bool = False
+    zero1: bool = False
     # outputs and fault tolerance
     metrics_out: str | None = None
     trace_out: str | None = None
@@ -174,9 +176,17 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
     params = local.params  # original full-model name -> this rank's (possibly sharded) parameter
     full_shapes = {n: tuple(p.shape) for n, p in full.named_parameters()}
     del full
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.zero1:
+        opt = ZeroAdamW(params, mesh.group("dp"), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        owns = opt.owns
+    else:
+        opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def owns(name: str) -> bool:
+            return True
+
     if resume_from is not None:
-        start_step = _load(resume_from, params, full_shapes, opt, mesh)
+        start_step = _load(resume_from, params, full_shapes, opt, mesh, owns)
     comm = {"dp": 0}
     sync = GradSync(
         params.values(), mesh.group("dp"), on_bytes=lambda n: comm.__setitem__("dp", comm["dp"] + n)
@@ -233,7 +243,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                     and cfg.checkpoint_every
                     and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
                 ):
-                    _save(cfg.checkpoint_dir, done, params, full_shapes, opt, mesh)
+                    _save(cfg.checkpoint_dir, done, params, full_shapes, opt, mesh, owns)
     finally:
         if out:
             out.close()
@@ -290,12 +300,13 @@ def _gather_record(record: dict, mesh: Mesh) -> dict:
 _OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def _save(directory, step, params, full_shapes, opt, mesh: Mesh) -> None:
+def _save(directory, step, params, full_shapes, opt, mesh: Mesh, owns) -> None:
+    """Every rank adds its stage's tensors, gathered over tp; optimizer state from its owner."""
     group = mesh.group("tp")
     state: dict = {"step": step}
     for name, p in params.items():
         state[f"model.{name}"] = gather_full(p.data, full_shapes[name], group)
-        st = opt.state.get(p, {})
+        st = opt.state.get(p, {}) if owns(name) else {}
         for key in _OPT_KEYS:
             if key in st:
                 state[f"optim.{name}.{key}"] = gather_full(st[key], full_shapes[name], group)
@@ -304,10 +315,13 @@ def _save(directory, step, params, full_shapes, opt, mesh: Mesh) -> None:
     save_checkpoint(directory, step, state)
 
 
-def _load(path, params, full_shapes, opt, mesh: Mesh) -> int:
+def _load(path, params, full_shapes, opt, mesh: Mesh, owns) -> int:
+    """Read this rank's tensors (in full) and keep its shard of each; any mesh shape works."""
     state: dict = {"step": 0}
     for name, p in params.items():
         state[f"model.{name}"] = torch.empty(full_shapes[name], dtype=p.dtype)
+        if not owns(name):
+            continue
         for key in _OPT_KEYS:
             state[f"optim.{name}.{key}"] = torch.empty(full_shapes[name], dtype=p.dtype)
         state[f"optim.{name}.step"] = torch.zeros((), dtype=torch.float32)
@@ -316,6 +330,8 @@ def _load(path, params, full_shapes, opt, mesh: Mesh) -> int:
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(take_shard(state[f"model.{name}"], tuple(p.shape), tp_rank))
+            if not owns(name):
+                continue
             opt.state[p] = {
                 "step": state[f"optim.{name}.step"],
                 **{

@@ -47,6 +47,17 @@ def test_data_parallel_matches_single_process(corpus, single):
     assert len(hist[0]["peak_rss_mb_per_rank"]) == 2
 
 
+@pytest.mark.slow
+def test_zero1_matches_and_its_checkpoint_resumes_anywhere(corpus, tmp_path, single):
+    ck = tmp_path / "ck"
+    hist = train(cfg(corpus, dp=2, zero1=True, checkpoint_dir=str(ck), checkpoint_every=10))
+    assert_close(losses(hist), single)
+    # Each replica saved only the optimizer state it owns; one process resumes with all of it.
+    shutil.rmtree(ck / "step-00000020")
+    resumed = losses(train(cfg(corpus, checkpoint_dir=str(ck), resume=True)))
+    assert_close(resumed, single[10:])
+
+
 def test_microbatch_accumulation_matches_whole_batch(corpus, single):
     # 3 uneven micro-batches of 8 rows (3, 3, 2): the mean loss and gradients are the same.
     assert_close(losses(train(cfg(corpus, microbatches=3))), single)
