@@ -1,0 +1,347 @@
+"""Tensor-parallel layers: each rank holds a slice of the weight and talks once per layer.
+
+* :class:`ColumnParallelLinear` holds a slice of the output features (rows of ``weight``); its
+  input is replicated, its output sharded along the last dim.
+* :class:`RowParallelLinear` holds a slice of the input features (columns of ``weight``); its input
+  is sharded along the last dim, its output the all-reduced (or, with sequence parallelism,
+  reduce-scattered) sum.
+* :class:`VocabParallelEmbedding` holds a slice of the vocabulary; each rank looks up the ids it
+  owns and the partial results are summed.
+
+Column then row is the Megatron pairing: the sharded activation between them never travels, so an
+MLP or an attention block costs one all-reduce forward and one backward.
+
+Every sharded parameter carries a :class:`TPShard` as ``param._plait_tp`` and
+``param._plait_tp_sharded = True`` (see :mod:`plait.tensor.state`); each layer builds itself from
+an existing ``nn.Linear`` / ``nn.Embedding`` with ``from_linear`` / ``from_embedding``, taking this
+rank's slice of the weights, so a model initialised once and then sharded equals the unsharded one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from plait import comm
+from plait.tensor.collectives import (
+    copy_to_region,
+    gather_from_region,
+    gather_from_sequence,
+    reduce_from_region,
+    reduce_scatter_to_seq,
+)
+
+__all__ = [
+    "TPShard",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "VocabParallelEmbedding",
+    "mark_sharded",
+    "sync_grad_across",
+    "shard_range",
+]
+
+InputMode = Literal["copy", "sequence", "none"]
+OutputMode = Literal["reduce", "reduce_scatter"]
+
+
+@dataclass(frozen=True)
+class TPShard:
+    """How a parameter is cut: along ``dim``, ``full_size`` long before any padding."""
+
+    dim: int
+    full_size: int
+    group: dist.ProcessGroup | None
+
+
+def mark_sharded(p: nn.Parameter, dim: int, full_size: int, group) -> nn.Parameter:
+    p._plait_tp = TPShard(dim, full_size, group)
+    p._plait_tp_sharded = True
+    return p
+
+
+def sync_grad_across(p: nn.Parameter, group) -> None:
+    """All-reduce each gradient contribution to ``p`` over ``group`` before it is accumulated.
+
+    For a replicated parameter applied to sequence-sharded activations (a norm, a row-parallel
+    bias under sequence parallelism): each rank sees only its tokens, so its gradient is a partial
+    sum. Hooking the contribution (not ``.grad``) stays correct under gradient accumulation and
+    pipeline micro-batches.
+    """
+    if comm.group_size(group) == 1 or getattr(p, "_plait_tp_synced", False):
+        return
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        return comm.all_reduce(grad.clone(), group, axis="tp", phase="backward")
+
+    p.register_hook(hook)
+    p._plait_tp_synced = True
+    p._plait_tp_sharded = False
+
+
+def shard_range(full: int, tp: int, rank: int, *, pad: bool, what: str) -> tuple[int, int, int]:
+    """``(start, stop, local_size)`` of rank's slice of ``full``; ``stop - start < local_size``
+    only on a padded last shard. Without ``pad`` the size must divide by ``tp``."""
+    if full % tp and not pad:
+        divisors = [d for d in range(1, full + 1) if full % d == 0 and d <= 64]
+        raise ValueError(
+            f"tensor parallel size tp={tp} does not divide {what}={full}; choose tp from {divisors}"
+        )
+    local = -(-full // tp)
+    start = min(rank * local, full)
+    return start, min(start + local, full), local
+
+
+def _take(src: torch.Tensor, dim: int, start: int, stop: int, local: int) -> torch.Tensor:
+    """Rows/columns ``start:stop`` of ``src`` along ``dim``, zero-padded to ``local``."""
+    part = src.detach().narrow(dim, start, stop - start)
+    if stop - start == local:
+        return part.clone()
+    shape = list(src.shape)
+    shape[dim] = local
+    out = src.new_zeros(shape)
+    out.narrow(dim, 0, stop - start).copy_(part)
+    return out
+
+
+class ColumnParallelLinear(nn.Module):
+    """``y = x W^T + b`` with this rank holding rows ``[start, stop)`` of ``W`` and ``b``.
+
+    Args:
+        input_mode: how the replicated input arrives. ``"copy"``: identity forward, all-reduce of
+            its gradient backward; ``"sequence"``: all-gather sequence shards (sequence
+            parallelism); ``"none"``: an enclosing region already did it (several column layers
+            reading one input share one collective).
+        gather_output: all-gather the output to full width (drops vocabulary padding).
+        pad: allow ``out_features`` not divisible by tp (the vocabulary); the last shard is
+            zero-padded and ``out_features`` stays the true size.
+
+    Example::
+
+        fc = ColumnParallelLinear.from_linear(nn.Linear(64, 256), group)
+        fc(x).shape   # (..., 256 // tp)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        group: dist.ProcessGroup | None,
+        input_mode: InputMode = "copy",
+        gather_output: bool = False,
+        pad: bool = False,
+        sequence_dim: int = 1,
+        what: str = "out_features",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group, self.input_mode, self.gather_output = group, input_mode, gather_output
+        self.sequence_dim = sequence_dim
+        tp, rank = comm.group_size(group), comm.group_rank(group)
+        self.start, self.stop, local = shard_range(out_features, tp, rank, pad=pad, what=what)
+        kw = {"device": device, "dtype": dtype}
+        self.weight = mark_sharded(
+            nn.Parameter(torch.empty(local, in_features, **kw)), 0, out_features, group
+        )
+        self.bias = (
+            mark_sharded(nn.Parameter(torch.zeros(local, **kw)), 0, out_features, group)
+            if bias
+            else None
+        )
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group, **kwargs) -> ColumnParallelLinear:
+        """This rank's rows of an existing ``nn.Linear`` (same dtype and device)."""
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            group=group,
+            device=w.device,
+            dtype=w.dtype,
+            **kwargs,
+        )
+        local = layer.weight.shape[0]
+        with torch.no_grad():
+            layer.weight.copy_(_take(w, 0, layer.start, layer.stop, local))
+            if linear.bias is not None:
+                layer.bias.copy_(_take(linear.bias, 0, layer.start, layer.stop, local))
+        layer.weight.requires_grad_(w.requires_grad)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_mode == "copy":
+            x = copy_to_region(x, self.group)
+        elif self.input_mode == "sequence":
+            x = gather_from_sequence(x, self.group, self.sequence_dim)
+        y = F.linear(x, self.weight, self.bias)
+        if self.gather_output:
+            y = gather_from_region(y, self.group)[..., : self.out_features]
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features} (rows {self.start}:{self.stop}), "
+            f"input={self.input_mode}, gather_output={self.gather_output}"
+        )
+
+
+class RowParallelLinear(nn.Module):
+    """``y = sum_r x_r W_r^T + b``: this rank holds columns ``[start, stop)`` of ``W``.
+
+    The input is the last-dim shard a column-parallel layer produced; the partial products are
+    all-reduced (``output_mode="reduce"``) or reduce-scattered along the sequence
+    (``"reduce_scatter"``, sequence parallelism). The bias is replicated and added once, after.
+
+    Example::
+
+        out = RowParallelLinear.from_linear(nn.Linear(256, 64), group)
+        out(h_shard).shape   # (..., 64), the same on every rank
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        group: dist.ProcessGroup | None,
+        output_mode: OutputMode = "reduce",
+        sequence_dim: int = 1,
+        what: str = "in_features",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.group, self.output_mode, self.sequence_dim = group, output_mode, sequence_dim
+        tp, rank = comm.group_size(group), comm.group_rank(group)
+        self.start, self.stop, local = shard_range(in_features, tp, rank, pad=False, what=what)
+        kw = {"device": device, "dtype": dtype}
+        self.weight = mark_sharded(
+            nn.Parameter(torch.empty(out_features, local, **kw)), 1, in_features, group
+        )
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        if self.bias is not None and output_mode == "reduce_scatter":
+            sync_grad_across(self.bias, group)  # added to sequence shards: partial gradients
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group, **kwargs) -> RowParallelLinear:
+        """This rank's columns of an existing ``nn.Linear``; the bias is copied whole."""
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            group=group,
+            device=w.device,
+            dtype=w.dtype,
+            **kwargs,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(w[:, layer.start : layer.stop])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        if self.output_mode == "reduce":
+            y = reduce_from_region(y, self.group)
+        else:
+            y = reduce_scatter_to_seq(y, self.group, self.sequence_dim)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features} (cols {self.start}:{self.stop}), out={self.out_features}, "
+            f"output={self.output_mode}"
+        )
+
+
+class VocabParallelEmbedding(nn.Module):
+    """An embedding table cut along the vocabulary: rank ``r`` owns ids ``[start, stop)``.
+
+    Each rank looks up the ids it owns (zeros for the rest) and the partial results are summed:
+    all-reduced (``output_mode="reduce"``) or reduce-scattered along the sequence (sequence
+    parallelism). A vocabulary that does not divide by tp is padded on the last rank.
+
+    Example::
+
+        tok = VocabParallelEmbedding.from_embedding(nn.Embedding(50257, 64), group)
+        tok(ids).shape   # (B, T, 64)
+    """
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        group: dist.ProcessGroup | None,
+        padding_idx: int | None = None,
+        output_mode: OutputMode = "reduce",
+        sequence_dim: int = 1,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.group, self.output_mode, self.sequence_dim = group, output_mode, sequence_dim
+        tp, rank = comm.group_size(group), comm.group_rank(group)
+        self.start, self.stop, local = shard_range(
+            num_embeddings, tp, rank, pad=True, what="vocab_size"
+        )
+        self.padding_idx = padding_idx
+        self.local_padding_idx = (
+            padding_idx - self.start
+            if padding_idx is not None and self.start <= padding_idx < self.stop
+            else None
+        )
+        self.weight = mark_sharded(
+            nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype)),
+            0,
+            num_embeddings,
+            group,
+        )
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding, group, **kwargs) -> VocabParallelEmbedding:
+        """This rank's rows of an existing ``nn.Embedding``."""
+        w = emb.weight
+        layer = cls(
+            emb.num_embeddings,
+            emb.embedding_dim,
+            group=group,
+            padding_idx=emb.padding_idx,
+            device=w.device,
+            dtype=w.dtype,
+            **kwargs,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(_take(w, 0, layer.start, layer.stop, layer.weight.shape[0]))
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.start) | (ids >= self.stop)
+        local_ids = (ids - self.start).masked_fill(outside, 0)
+        out = F.embedding(local_ids, self.weight, self.local_padding_idx)
+        out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.output_mode == "reduce":
+            return reduce_from_region(out, self.group)
+        return reduce_scatter_to_seq(out, self.group, self.sequence_dim)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim} (ids {self.start}:{self.stop}), "
+            f"output={self.output_mode}"
+        )
