@@ -1,1 +1,51 @@
-"""Depth-wise parallelism: partitioning, the schedule IR and its generators, the runtime."""
+"""Depth-wise parallelism: partitioning, the schedule IR and its generators, the runtime.
+
+The pieces, one file each::
+
+    schedule.py    the IR: Action(kind, stage, microbatch), Schedule (pure Python)
+    generators.py  build_schedule(name, num_ranks, num_microbatches, virtual) (pure Python)
+    validate.py    validate(schedule) -> ValidationReport, or ScheduleError (pure Python)
+    partition.py   partition(model, num_stages, balance) -> stage modules
+    runtime.py     PipelineRuntime: executes one rank's actions with torch.distributed
+
+The IR, generators and validator never import torch (the planner's simulator uses them); the
+partitioner and runtime are imported lazily from here for the same reason.
+"""
+
+from plait.pipeline.generators import (
+    SCHEDULES,
+    add_communication,
+    build_schedule,
+    stage_to_rank_for,
+)
+from plait.pipeline.schedule import Action, Kind, Schedule, format_actions, parse_actions
+from plait.pipeline.validate import ScheduleError, ValidationReport, validate
+
+__all__ = [
+    "SCHEDULES",
+    "Action",
+    "Kind",
+    "Schedule",
+    "ScheduleError",
+    "ValidationReport",
+    "add_communication",
+    "build_schedule",
+    "format_actions",
+    "parse_actions",
+    "stage_to_rank_for",
+    "validate",
+    "partition",
+    "Stage",
+    "PipelineRuntime",
+]
+
+_LAZY = {"partition": "partition", "Stage": "partition", "PipelineRuntime": "runtime"}
+
+
+def __getattr__(name: str):
+    # torch-free import of the IR: the torch parts load on first use.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"plait.pipeline.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'plait.pipeline' has no attribute {name!r}")

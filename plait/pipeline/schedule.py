@@ -28,7 +28,16 @@ import re
 from dataclasses import dataclass, field
 from enum import Enum
 
-__all__ = ["Kind", "Action", "Schedule", "COMPUTE", "COMM", "parse_actions", "format_actions"]
+__all__ = [
+    "Kind",
+    "Action",
+    "Schedule",
+    "COMPUTE",
+    "COMM",
+    "BACKWARD",
+    "parse_actions",
+    "format_actions",
+]
 
 
 class Kind(str, Enum):
@@ -47,6 +56,9 @@ class Kind(str, Enum):
 
 COMPUTE = frozenset({Kind.F, Kind.B, Kind.W, Kind.BW})
 COMM = frozenset({Kind.SEND_ACT, Kind.RECV_ACT, Kind.SEND_GRAD, Kind.RECV_GRAD})
+# Actions that only a training step has: dropping them (and the gradient messages) from a training
+# schedule gives its forward-only (inference) schedule.
+BACKWARD = frozenset({Kind.B, Kind.W, Kind.BW, Kind.SEND_GRAD, Kind.RECV_GRAD})
 
 _TOKEN = re.compile(r"^(SEND_ACT|RECV_ACT|SEND_GRAD|RECV_GRAD|BW|F|B|W)(\d+)\.(\d+)$")
 
@@ -120,6 +132,49 @@ class Schedule:
 
     def compute_only(self) -> list[list[Action]]:
         return [[a for a in acts if a.is_compute] for acts in self.actions]
+
+    @property
+    def is_forward_only(self) -> bool:
+        """True when no rank runs a backward action (an inference schedule)."""
+        return not any(a.kind in BACKWARD for acts in self.actions for a in acts)
+
+    def forward_only(self) -> Schedule:
+        """The inference schedule: the same forwards and activation messages, in the same order.
+
+        Dropping every backward action and gradient message keeps each pair of ranks' message
+        order, so a valid training schedule gives a valid inference schedule.
+        """
+        return Schedule(
+            self.name,
+            self.num_ranks,
+            self.num_stages,
+            self.num_microbatches,
+            list(self.stage_to_rank),
+            [[a for a in acts if a.kind not in BACKWARD] for acts in self.actions],
+        )
+
+    @classmethod
+    def from_text(
+        cls,
+        rows: list[str],
+        stage_to_rank: list[int] | None = None,
+        num_microbatches: int | None = None,
+        name: str = "custom",
+    ) -> Schedule:
+        """Build a schedule from one text row per rank, e.g. ``["F0.0 SEND_ACT0.0", "RECV_ACT1.0 F1.0"]``.
+
+        ``stage_to_rank`` defaults to stage ``s`` on rank ``s``; ``num_microbatches`` defaults to
+        one more than the largest micro-batch index used.
+        """
+        actions = [parse_actions(row) for row in rows]
+        every = [a for acts in actions for a in acts]
+        if stage_to_rank is None:
+            stage_to_rank = list(range(len(rows)))
+        if num_microbatches is None:
+            num_microbatches = 1 + max((a.microbatch for a in every), default=0)
+        return cls(
+            name, len(rows), len(stage_to_rank), num_microbatches, list(stage_to_rank), actions
+        )
 
     def __str__(self) -> str:
         head = f"{self.name}: p={self.num_ranks} stages={self.num_stages} m={self.num_microbatches}"
