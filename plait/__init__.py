@@ -9,6 +9,7 @@ The public API::
     plait.train(TrainConfig(...))         # the training loop
 """
 
+from plait import tasks as tasks  # plait.tasks.map(fn, items, workers=N): task parallelism
 from plait import tensor as tensor  # plait.tensor.parallelize(...); also loads plait.comm
 from plait.data import ByteDataset
 from plait.launch import WorkerError, launch

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from plait.infer.cli import add_infer_parser
+
 __all__ = ["main", "build_parser"]
 
 
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_demo(sub)
+    add_infer_parser(sub)
     return parser
 
 

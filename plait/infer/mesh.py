@@ -1,0 +1,84 @@
+"""The ``pipeline`` and ``tensor`` strategies, alone or mixed with ``task``, on a plait.Mesh.
+
+One :func:`plait.launch` job of ``dp * pp * tp`` workers. Every worker builds the same whole
+model from the seed, then keeps its part: :func:`plait.tensor.parallelize` shards it over the
+``tp`` group, and a forward-only pipeline keeps this rank's stage. The ``dp`` replicas (each a
+pipeline and/or tensor group) take requests ``dp_rank, dp_rank + dp, ...``: a static split, since
+a group of processes cannot take work from a pool one request at a time the way a single
+``task`` worker does (pure ``task`` runs on :func:`plait.tasks.map` with dynamic dispatch).
+
+Only one rank per replica reports (the last stage's ``tp`` rank 0), so the parent merges the
+per-rank lists into input order.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from plait.infer.core import InferConfig, InferReport, build_model
+from plait.launch import launch
+from plait.mesh import Mesh, MeshShape
+
+__all__ = ["run_mesh"]
+
+
+def run_mesh(cfg: InferConfig, shape: MeshShape, requests: list[torch.Tensor]) -> InferReport:
+    _check_available(shape)
+    if shape.tp > 1:
+        from plait.tensor.parallelize import validate
+
+        validate(build_model(cfg), shape.tp)  # bad sizes fail here, before any process starts
+    t0 = time.perf_counter()
+    per_rank = launch(
+        _worker, shape.world_size, cfg, shape, requests, threads_per_worker=cfg.threads
+    )
+    seconds = time.perf_counter() - t0
+    done = sorted(r for rank in per_rank for r in rank)  # (request, losses, seconds)
+    if [r for r, _, _ in done] != list(range(len(requests))):
+        raise RuntimeError(f"requests came back incomplete: {[r for r, _, _ in done]}")
+    losses = [loss for _, batch_losses, _ in done for loss in batch_losses]
+    return InferReport(cfg.strategy, shape, losses, [s for _, _, s in done], seconds)
+
+
+def _check_available(shape: MeshShape) -> None:
+    if shape.pp > 1:
+        try:
+            from plait.pipeline import PipelineRuntime  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                "--strategy pipeline needs plait.pipeline.PipelineRuntime, which this version of "
+                "plait does not have yet"
+            ) from None
+
+
+def _worker(cfg: InferConfig, shape: MeshShape, requests: list[torch.Tensor]):
+    mesh = Mesh(shape.dp, shape.pp, shape.tp)
+    mine = list(range(mesh.dp_rank, len(requests), shape.dp))
+    model = build_model(cfg)
+    if shape.pp > 1:
+        return _pipeline_replica(cfg, mesh, model, requests, mine)
+    return _tensor_replica(mesh, model, requests, mine)
+
+
+@torch.no_grad()
+def _tensor_replica(mesh: Mesh, model, requests, mine):
+    from plait.tensor import loss_fn, parallelize
+
+    model = parallelize(model, mesh)  # a tp group of one leaves the model whole
+    loss = loss_fn(model)  # vocabulary-parallel cross-entropy on sharded logits
+    out = []
+    for r in mine:
+        batch = requests[r]
+        t0 = time.perf_counter()
+        logits = model(batch[:, :-1])
+        y = batch[:, 1:]
+        # Each row's loss is a collective over the tp group: every rank computes it.
+        losses = [loss(logits[i : i + 1], y[i : i + 1]).item() for i in range(len(batch))]
+        out.append((r, losses, time.perf_counter() - t0))
+    return out if mesh.tp_rank == 0 else []
+
+
+def _pipeline_replica(cfg, mesh, model, requests, mine):
+    raise NotImplementedError("filled in once plait.pipeline's forward-only runtime lands")

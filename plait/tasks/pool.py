@@ -1,0 +1,186 @@
+"""The default executor: a pool of local worker processes with dynamic dispatch and retries.
+
+Each worker holds exactly one item at a time and the parent hands the next item to whichever
+worker answers first, so uneven items balance themselves, and when a worker dies the parent knows
+precisely which item died with it. The parent waits on every worker's pipe *and* its process
+sentinel at once (as :func:`plait.launch` does), so a SIGKILLed worker is noticed at once: it is
+reaped, a replacement is started (running ``setup`` again), and its item goes back to the front of
+the queue, up to ``retries`` extra attempts. Every exit path (done, error, Ctrl-C, a consumer that
+stops iterating) terminates and reaps the workers; workers also die with the parent (no orphans).
+"""
+
+from __future__ import annotations
+
+import multiprocessing.connection as mpc
+import pickle
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from plait.launch import _context, _describe_exit
+from plait.tasks.errors import SetupError, TaskError, WorkerLostError
+from plait.tasks.worker import local_worker_main
+
+__all__ = ["LocalPool"]
+
+
+@dataclass
+class _Slot:
+    proc: Any
+    conn: Any
+    index: int | None = None  # the item in flight, None while idle
+    started: float = 0.0
+    timed_out: bool = False
+    eof: bool = False
+    done: int = 0  # items this process completed
+
+
+@dataclass
+class LocalPool:
+    """Run pickled ``fn`` (and ``setup``) over ``(index, item)`` pairs on local processes.
+
+    Use through :func:`plait.tasks.map`; this class is the mechanism. :meth:`results` yields
+    ``(index, result, seconds)`` as items finish.
+    """
+
+    fn_bytes: bytes
+    setup_bytes: bytes | None
+    workers: int
+    retries: int = 2
+    timeout: float | None = None
+    threads_per_worker: int | None = None
+    grace: float = 3.0
+    attempts: dict[int, int] = field(default_factory=dict)
+    restarts: int = 0  # worker processes that died and were replaced (or not needed again)
+    completed_per_worker: dict[int, int] = field(default_factory=dict)  # pid -> items
+
+    def _start(self) -> _Slot:
+        ctx = _context()
+        parent_end, child_end = ctx.Pipe(duplex=True)
+        proc = ctx.Process(
+            target=local_worker_main,
+            args=(self.fn_bytes, self.setup_bytes, self.threads_per_worker, child_end),
+            name="plait-task-worker",
+        )
+        proc.start()
+        child_end.close()  # so the parent sees EOF if the worker dies
+        return _Slot(proc, parent_end)
+
+    def results(self, todo: list[tuple[int, Any]]) -> Iterator[tuple[int, Any, float]]:
+        queue = deque(todo)
+        items = dict(todo)
+        slots: list[_Slot] = []
+        # A worker that keeps dying before finishing anything (in setup, say) is not replaced
+        # forever: past this budget the job fails with SetupError.
+        idle_deaths_left = self.workers * (self.retries + 1)
+        try:
+            while queue or any(s.index is not None for s in slots):
+                # Keep every live worker busy, and the pool at full size while work remains.
+                for slot in slots:
+                    self._feed(slot, queue, items)
+                while queue and len(slots) < self.workers:
+                    fresh = self._start()
+                    slots.append(fresh)
+                    self._feed(fresh, queue, items)
+                by_handle = {s.proc.sentinel: s for s in slots}
+                by_handle.update({s.conn: s for s in slots if not s.eof})
+                ready = mpc.wait(list(by_handle), timeout=self._wait_timeout(slots))
+                self._kill_overdue(slots)
+                touched = {id(by_handle[h]): by_handle[h] for h in ready}
+                for slot in touched.values():
+                    yield from self._drain(slot, items)
+                    if slot.proc.is_alive():
+                        continue
+                    # Dead: whatever it sent before dying has been drained above.
+                    slot.proc.join()
+                    slot.conn.close()
+                    slots.remove(slot)
+                    self.restarts += 1
+                    how = (
+                        f"timed out after {self.timeout}s"
+                        if slot.timed_out
+                        else _describe_exit(slot.proc.exitcode)
+                    )
+                    if slot.index is not None:
+                        if self.attempts[slot.index] > self.retries:
+                            index = slot.index
+                            raise WorkerLostError(index, items[index], self.attempts[index], how)
+                        queue.appendleft((slot.index, items[slot.index]))
+                    elif slot.done == 0:
+                        idle_deaths_left -= 1
+                        if idle_deaths_left < 0:
+                            raise SetupError(f"task workers keep dying before any item: {how}")
+        finally:
+            self._stop(slots)
+
+    def _feed(self, slot: _Slot, queue: deque, items: dict) -> None:
+        if slot.index is not None or not queue:
+            return
+        index, item = queue.popleft()
+        try:
+            payload = pickle.dumps((index, item))
+        except Exception as exc:
+            raise TaskError(index, item, f"cannot be pickled for a worker: {exc}") from None
+        slot.index, slot.started, slot.timed_out = index, time.monotonic(), False
+        self.attempts[index] = self.attempts.get(index, 0) + 1
+        try:
+            slot.conn.send_bytes(payload)
+        except OSError:
+            pass  # the worker is dead: its sentinel fires next and the item is retried
+
+    def _drain(self, slot: _Slot, items: dict) -> Iterator[tuple[int, Any, float]]:
+        """Yield every finished item the worker has sent (it may have died just after)."""
+        while True:
+            try:
+                if not slot.conn.poll():
+                    return
+                msg = pickle.loads(slot.conn.recv_bytes())
+            except (EOFError, OSError):
+                # The worker is gone (its sentinel may lag behind the pipe's EOF): stop
+                # waiting on the pipe, and let the sentinel report the death.
+                slot.eof = True
+                return
+            kind, index, *rest = msg
+            if kind == "setup_err":
+                raise SetupError("the per-worker setup raised " + rest[0], rest[1])
+            if kind == "err":
+                raise TaskError(index, items[index], rest[0], rest[1])
+            slot.index = None
+            slot.done += 1
+            pid = slot.proc.pid
+            self.completed_per_worker[pid] = self.completed_per_worker.get(pid, 0) + 1
+            yield index, rest[0], rest[1]
+
+    def _wait_timeout(self, slots: list[_Slot]) -> float | None:
+        if self.timeout is None:
+            return None
+        busy = [s.started + self.timeout for s in slots if s.index is not None and not s.timed_out]
+        return max(0.0, min(busy) - time.monotonic()) if busy else None
+
+    def _kill_overdue(self, slots: list[_Slot]) -> None:
+        if self.timeout is None:
+            return
+        now = time.monotonic()
+        for s in slots:
+            if s.index is not None and not s.timed_out and now - s.started > self.timeout:
+                s.timed_out = True
+                s.proc.kill()  # its sentinel fires on the next wait; the item is retried
+
+    def _stop(self, slots: list[_Slot]) -> None:
+        for s in slots:
+            try:
+                s.conn.send_bytes(b"")  # ask idle workers to finish
+            except OSError:
+                pass
+            if s.index is not None:
+                s.proc.terminate()  # busy ones are not waited for (error or early exit)
+        deadline = time.monotonic() + self.grace
+        for s in slots:
+            s.proc.join(max(0.0, deadline - time.monotonic()))
+        for s in slots:
+            if s.proc.is_alive():
+                s.proc.kill()
+                s.proc.join()
+            s.conn.close()
