@@ -37,6 +37,7 @@ __all__ = [
     "group_size",
     "group_rank",
     "all_reduce",
+    "all_reduce_async",
     "all_gather",
     "reduce_scatter",
 ]
@@ -155,6 +156,24 @@ def all_reduce(
     record("all_reduce", _nbytes(t), axis=axis, phase=phase)
     dist.all_reduce(t, op=op, group=group)
     return t
+
+
+def all_reduce_async(
+    t: torch.Tensor, group: dist.ProcessGroup | None, *, axis: str = "", phase: str = ""
+):
+    """Start summing ``t`` in place over ``group``; returns the work handle (``.wait()``), or None
+    on a one-rank group. Overlap it with computation that does not need ``t``.
+
+    Example::
+
+        work = comm.all_reduce_async(grad_input, group, axis="tp", phase="backward")
+        grad_weight = grad_out.T @ x    # runs while the all-reduce is in flight
+        work.wait()
+    """
+    if group_size(group) == 1:
+        return None
+    record("all_reduce", _nbytes(t), axis=axis, phase=phase)
+    return dist.all_reduce(t, group=group, async_op=True)
 
 
 def all_gather(

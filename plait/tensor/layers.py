@@ -44,6 +44,7 @@ __all__ = [
     "mark_sharded",
     "sync_grad_across",
     "shard_range",
+    "fused_region_entry",
 ]
 
 InputMode = Literal["copy", "sequence", "none"]
@@ -107,6 +108,80 @@ def _take(src: torch.Tensor, dim: int, start: int, stop: int, local: int) -> tor
     out = src.new_zeros(shape)
     out.narrow(dim, 0, stop - start).copy_(part)
     return out
+
+
+class _CopyThenLinear(torch.autograd.Function):
+    """``copy_to_region`` followed by a linear layer, with the all-reduce of the input gradient
+    overlapped with the weight gradient (Megatron's async tensor-parallel all-reduce): the weight
+    gradient does not need the reduced input gradient, so it is computed while that is in flight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.save_for_backward(x, weight)
+        ctx.group, ctx.has_bias = group, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = work = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad.matmul(weight)
+            work = comm.all_reduce_async(grad_x, ctx.group, axis="tp", phase="backward")
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_w = g2.t().matmul(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        grad_b = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        if work is not None:
+            work.wait()
+        return grad_x, grad_w, grad_b, None
+
+
+class _CopyThenLinears(torch.autograd.Function):
+    """Several column layers reading one input (attention's q, k, v): ``copy_to_region`` once,
+    then each layer; backward sums their input gradients and overlaps that sum's all-reduce with
+    every layer's weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group, *params):
+        ctx.save_for_backward(x, *params)
+        ctx.group = group
+        pairs = list(zip(params[0::2], params[1::2]))
+        return tuple(F.linear(x, w, b if b.numel() else None) for w, b in pairs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *params = ctx.saved_tensors
+        weights, biases = params[0::2], params[1::2]
+        grad_x = work = None
+        if ctx.needs_input_grad[0]:
+            for g, w in zip(grads, weights):
+                if g is not None:
+                    grad_x = g.matmul(w) if grad_x is None else grad_x.add_(g.matmul(w))
+            if grad_x is None:
+                grad_x = torch.zeros_like(x)
+            work = comm.all_reduce_async(grad_x, ctx.group, axis="tp", phase="backward")
+        x2 = x.reshape(-1, x.shape[-1])
+        out: list[torch.Tensor | None] = []
+        for g, b in zip(grads, biases):
+            g2 = None if g is None else g.reshape(-1, g.shape[-1])
+            out.append(None if g2 is None else g2.t().matmul(x2))
+            out.append(None if g2 is None or b.numel() == 0 else g2.sum(0))
+        if work is not None:
+            work.wait()
+        return (grad_x, None, *out)
+
+
+def fused_region_entry(x: torch.Tensor, layers: list[ColumnParallelLinear], group) -> None:
+    """Compute every layer in ``layers`` on ``x`` in one :class:`_CopyThenLinears` and leave each
+    layer its output, to be returned when the enclosing module calls it on ``x``."""
+    params: list[torch.Tensor] = []
+    for layer in layers:
+        params.append(layer.weight)
+        # An empty tensor stands for "no bias": autograd Functions take tensors, not None.
+        params.append(layer.bias if layer.bias is not None else layer.weight.new_empty(0))
+    outs = _CopyThenLinears.apply(x, group, *params)
+    for layer, y in zip(layers, outs):
+        layer._precomputed = (x, y)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -179,7 +254,25 @@ class ColumnParallelLinear(nn.Module):
         layer.weight.requires_grad_(w.requires_grad)
         return layer
 
+    _precomputed: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._precomputed is not None:
+            # The enclosing region computed this layer together with its siblings.
+            src, y = self._precomputed
+            self._precomputed = None
+            if src is not x:
+                raise RuntimeError(
+                    "a column layer of a fused tensor-parallel region was called on a tensor "
+                    "other than the region's input; shard this module with a plan that does not "
+                    "mark its parent 'region'"
+                )
+            return y
+        if self.input_mode == "copy" and comm.group_size(self.group) > 1:
+            y = _CopyThenLinear.apply(x, self.weight, self.bias, self.group)
+            if self.gather_output:
+                y = gather_from_region(y, self.group)[..., : self.out_features]
+            return y
         if self.input_mode == "copy":
             x = copy_to_region(x, self.group)
         elif self.input_mode == "sequence":

@@ -33,6 +33,7 @@ from plait.tensor.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    fused_region_entry,
     sync_grad_across,
 )
 
@@ -181,7 +182,19 @@ class Region(Style):
         group, sp, dim = ctx.group, ctx.sequence_parallel, ctx.sequence_dim
 
         def enter(x: torch.Tensor) -> torch.Tensor:
-            return gather_from_sequence(x, group, dim) if sp else copy_to_region(x, group)
+            if sp:
+                return gather_from_sequence(x, group, dim)
+            # Without sequence parallelism the column layers directly inside are computed here,
+            # together, so that backward overlaps the one all-reduce with their weight gradients.
+            layers = [
+                m
+                for m in module.modules()
+                if isinstance(m, ColumnParallelLinear) and m.input_mode == "none"
+            ]
+            if layers:
+                fused_region_entry(x, layers, group)
+                return x
+            return copy_to_region(x, group)
 
         def hook(mod, args, kwargs):
             # Hugging Face layers call attention with keywords (hidden_states=...).
