@@ -34,18 +34,51 @@ def _close(a, b):
     assert max(abs(x - y) / max(1.0, abs(x)) for x, y in zip(a, b)) < 1e-5
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("single") / "single.jsonl"
+    report = infer(
+        InferConfig(data=str(text_file), limit=24, seq_len=32, batch_size=3, progress=False)
+    )
+    report.write_jsonl(str(out))
+    return [json.loads(line)["loss"] for line in out.read_text().splitlines()]
+
+
+def _pipeline_available() -> bool:
+    try:
+        from plait.pipeline import PipelineRuntime, partition  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @pytest.mark.slow
-def test_task_and_tensor_match_single_process(capsys, text_file, tmp_path):
-    single, s = _run_cli(capsys, text_file, tmp_path / "single.jsonl")
-    assert s["strategy"] == "single" and s["sequences"] == 24 and s["requests"] == 8
-    assert s["sequences_per_s"] > 0 and s["latency_p50_ms"] <= s["latency_p99_ms"]
-    for strategy, workers in [("task", 2), ("tensor", 2), ("task,tensor", 4)]:
-        out = tmp_path / f"{strategy}.jsonl"
-        losses, summary = _run_cli(
-            capsys, text_file, out, "--strategy", strategy, "--workers", str(workers)
-        )
-        _close(losses, single)
-        assert summary["sequences"] == 24
+@pytest.mark.parametrize(
+    "strategy, workers",
+    [
+        ("single", 1),
+        ("task", 2),
+        ("tensor", 2),
+        ("pipeline", 2),
+        ("task,pipeline", 4),
+        ("task,tensor", 4),
+        ("pipeline,tensor", 4),
+    ],
+)
+def test_every_strategy_matches_single_process(
+    capsys, text_file, tmp_path, single, strategy, workers
+):
+    if "pipeline" in strategy and not _pipeline_available():
+        pytest.skip("plait.pipeline has no PipelineRuntime/partition in this checkout")
+    out = tmp_path / "losses.jsonl"
+    losses, summary = _run_cli(
+        capsys, text_file, out, "--strategy", strategy, "--workers", str(workers)
+    )
+    _close(losses, single)
+    assert summary["strategy"] == strategy
+    assert summary["sequences"] == 24 and summary["requests"] == 8
+    assert summary["sequences_per_s"] > 0
+    assert 0 < summary["latency_p50_ms"] <= summary["latency_p90_ms"] <= summary["latency_p99_ms"]
 
 
 def test_losses_are_the_models_own_mean_next_token_loss(text_file):
@@ -97,3 +130,11 @@ def test_strategy_sizes_can_be_given():
 def test_bad_input_is_refused_before_starting(capsys, text_file, argv, message):
     assert main(["infer", "--data", str(text_file), "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_too_many_stages_is_refused_before_starting(capsys, text_file):
+    if not _pipeline_available():
+        pytest.skip("plait.pipeline has no PipelineRuntime/partition in this checkout")
+    argv = ["infer", "--data", str(text_file), "--strategy", "pipeline", "--workers", "3"]
+    assert main([*argv, "--no-progress"]) == 2
+    assert "cannot split 2 blocks into 3 stages" in capsys.readouterr().err

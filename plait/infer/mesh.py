@@ -26,6 +26,10 @@ __all__ = ["run_mesh"]
 
 def run_mesh(cfg: InferConfig, shape: MeshShape, requests: list[torch.Tensor]) -> InferReport:
     _check_available(shape)
+    if shape.pp > 1:
+        from plait.pipeline import partition
+
+        partition(build_model(cfg), shape.pp)  # too many stages for the layers fails here
     if shape.tp > 1:
         from plait.tensor.parallelize import validate
 
@@ -45,11 +49,11 @@ def run_mesh(cfg: InferConfig, shape: MeshShape, requests: list[torch.Tensor]) -
 def _check_available(shape: MeshShape) -> None:
     if shape.pp > 1:
         try:
-            from plait.pipeline import PipelineRuntime  # noqa: F401
+            from plait.pipeline import PipelineRuntime, partition  # noqa: F401
         except ImportError:
             raise ValueError(
-                "--strategy pipeline needs plait.pipeline.PipelineRuntime, which this version of "
-                "plait does not have yet"
+                "--strategy pipeline needs plait.pipeline's partition and PipelineRuntime, which "
+                "this version of plait does not have yet"
             ) from None
 
 
@@ -80,5 +84,50 @@ def _tensor_replica(mesh: Mesh, model, requests, mine):
     return out if mesh.tp_rank == 0 else []
 
 
-def _pipeline_replica(cfg, mesh, model, requests, mine):
-    raise NotImplementedError("filled in once plait.pipeline's forward-only runtime lands")
+WAVE = 32  # requests per pipeline run: enough micro-batches to fill the pipe, bounded memory
+
+
+def _waves(mine: list[int], requests: list[torch.Tensor]) -> list[list[int]]:
+    """Runs of equal-sized requests, at most WAVE long: each request is then one micro-batch."""
+    waves: list[list[int]] = []
+    for r in mine:
+        w = waves[-1] if waves else None
+        if w and len(w) < WAVE and len(requests[w[0]]) == len(requests[r]):
+            w.append(r)
+        else:
+            waves.append([r])
+    return waves
+
+
+@torch.no_grad()
+def _pipeline_replica(cfg: InferConfig, mesh: Mesh, model, requests, mine):
+    from plait.pipeline import PipelineRuntime, build_schedule, partition
+    from plait.tensor import loss_fn, parallelize
+
+    pp = mesh.size("pp")
+    stage = parallelize(partition(model, pp)[mesh.pp_rank], mesh)  # this rank's stage, tp-sharded
+    loss = loss_fn(stage)
+    out = []
+    for wave in _waves(mine, requests):
+        batch = torch.cat([requests[r] for r in wave])
+        runtime = PipelineRuntime(
+            {mesh.pp_rank: stage}, build_schedule("gpipe", pp, len(wave)).forward_only(), mesh
+        )
+        try:
+            logits = runtime.forward(batch[:, :-1])  # forward-only; None except on the last stage
+            timeline = runtime.gather_timeline()
+        finally:
+            runtime.close()
+        if not mesh.is_last_stage:
+            continue
+        y = batch[:, 1:]
+        losses = [loss(logits[i : i + 1], y[i : i + 1]).item() for i in range(len(batch))]
+        # A request's latency: its first stage's forward start to its last stage's forward end.
+        starts = {e.microbatch: e.start for e in timeline.events if e.kind == "F" and e.stage == 0}
+        ends = {e.microbatch: e.end for e in timeline.events if e.kind == "F" and e.stage == pp - 1}
+        row = 0
+        for i, r in enumerate(wave):
+            n = len(requests[r])
+            out.append((r, losses[row : row + n], ends[i] - starts[i]))
+            row += n
+    return out if mesh.is_last_stage and mesh.tp_rank == 0 else []
