@@ -9,6 +9,7 @@ The public API::
     plait.train(TrainConfig(...))         # the training loop
 """
 
+from plait import pipeline as pipeline  # plait.pipeline.partition, build_schedule, PipelineRuntime
 from plait import tasks as tasks  # plait.tasks.map(fn, items, workers=N): task parallelism
 from plait import tensor as tensor  # plait.tensor.parallelize(...); also loads plait.comm
 from plait.data import ByteDataset

@@ -5,7 +5,7 @@ The pieces, one file each::
     schedule.py    the IR: Action(kind, stage, microbatch), Schedule (pure Python)
     generators.py  build_schedule(name, num_ranks, num_microbatches, virtual) (pure Python)
     validate.py    validate(schedule) -> ValidationReport, or ScheduleError (pure Python)
-    partition.py   partition(model, num_stages, balance) -> stage modules
+    partitioner.py partition(model, num_stages, balance) -> stage modules
     runtime.py     PipelineRuntime: executes one rank's actions with torch.distributed
 
 The IR, generators and validator never import torch (the planner's simulator uses them); the
@@ -37,9 +37,15 @@ __all__ = [
     "partition",
     "Stage",
     "PipelineRuntime",
+    "split_batch",
 ]
 
-_LAZY = {"partition": "partition", "Stage": "partition", "PipelineRuntime": "runtime"}
+_LAZY = {
+    "partition": "partitioner",
+    "Stage": "partitioner",
+    "PipelineRuntime": "runtime",
+    "split_batch": "runtime",
+}
 
 
 def __getattr__(name: str):

@@ -1,0 +1,557 @@
+"""The pipeline runtime: execute one rank's schedule with torch.distributed point-to-point.
+
+Every pipeline rank builds a :class:`PipelineRuntime` with its own stage modules and the same
+:class:`~plait.pipeline.schedule.Schedule`, then calls :meth:`~PipelineRuntime.train_step` (or
+:meth:`~PipelineRuntime.forward`) with the same batch. The runtime walks its rank's action list in
+order, which the validator has proved free of deadlock:
+
+- F, B, W, BW run the stage module (B and W split the backward, see below);
+- SEND_* post an ``isend`` and move on; sends are reaped as they complete and waited for at the
+  end of the step, so compute never waits for a send;
+- RECV_* wait for an ``irecv`` that was posted ``prefetch`` compute actions earlier, so the
+  transfer overlaps the compute before it (receives from one rank are posted in list order, which
+  is the order gloo and NCCL match them in).
+
+Each action's start and end (``time.perf_counter``) is recorded: :attr:`PipelineRuntime.timeline`.
+
+No shapes by hand: a stage's input shape is learned from a small header message (dtype and
+shape) sent before the first activation of each new *input micro-batch shape* on each boundary.
+Both sides know the micro-batch shapes (every rank gets the batch), so both know without asking
+when a header comes; steady-state steps send no metadata at all, and sequence length or batch size
+may change between steps.
+
+Zero-bubble split of the backward: B computes the gradient of the stage input and of every
+parameter except those of plain ``nn.Linear`` layers, plus the gradient of each such layer's
+output; W then forms those layers' weight gradients (``dy^T x``, the bulk of the backward's
+FLOPs) from the saved input and output gradient. Stages with activation checkpointing do the
+whole backward in B (W is then empty).
+
+Gradients: the loss of micro-batch ``i`` is ``loss_fn(out_i, targets_i) * size_i / batch``, so the
+gradients summed over micro-batches equal those of ``loss_fn`` on the whole batch (a mean), with
+uneven splits too, exactly like single-process gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+from plait.pipeline.schedule import Action, Kind, Schedule
+from plait.pipeline.validate import validate
+from plait.trace import Event, Timeline
+
+__all__ = ["PipelineRuntime", "split_batch"]
+
+_DTYPES = [
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.uint8,
+    torch.bool,
+    torch.int16,
+    torch.int8,
+]
+_HEADER = 10  # int64 words: dtype code, ndim, up to 8 sizes
+
+
+def split_batch(batch_size: int, num_microbatches: int, uneven: bool = True) -> list[int]:
+    """Micro-batch sizes for a batch: equal, or differing by at most one when ``uneven``.
+
+    Raises ValueError (before any communication) when a micro-batch would be empty, or when the
+    batch does not divide and ``uneven`` is False.
+
+    Example::
+
+        split_batch(10, 4)  # [3, 3, 2, 2]
+    """
+    if batch_size < num_microbatches:
+        raise ValueError(
+            f"a batch of {batch_size} cannot be split into {num_microbatches} micro-batches "
+            f"(one would be empty); use at most {batch_size} micro-batches or a larger batch"
+        )
+    if batch_size % num_microbatches and not uneven:
+        valid = [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+        raise ValueError(
+            f"a batch of {batch_size} does not divide into {num_microbatches} micro-batches and "
+            f"uneven splits are off; micro-batch counts that divide it: {valid}"
+        )
+    base, extra = divmod(batch_size, num_microbatches)
+    return [base + (i < extra) for i in range(num_microbatches)]
+
+
+class _WorldPipe:
+    """Stands in for a Mesh when none is given: the whole world is one pipeline."""
+
+    def __init__(self) -> None:
+        on = dist.is_available() and dist.is_initialized()
+        self.pp_rank = dist.get_rank() if on else 0
+        self._size = dist.get_world_size() if on else 1
+
+    def size(self, axis: str) -> int:
+        return self._size if axis == "pp" else 1
+
+    def pp_peer(self, stage: int) -> int:
+        return stage
+
+    def group(self, axis: str):
+        return None
+
+
+@dataclass
+class _Step:
+    """Everything one step holds, keyed by (stage, micro-batch)."""
+
+    training: bool
+    inputs: list[torch.Tensor]
+    targets: list[torch.Tensor] | None
+    scales: list[float]
+    keys: list[tuple]
+    acts_in: dict = field(default_factory=dict)  # input of (s, i): received or handed over
+    grads_in: dict = field(default_factory=dict)  # gradient of the output of (s, i)
+    saved: dict = field(default_factory=dict)  # (input, output or scaled loss) for backward
+    sendable: dict = field(default_factory=dict)  # tensors waiting for their SEND action
+    records: dict = field(default_factory=dict)  # Linear (module, input, output) for B/W
+    wgrads: dict = field(default_factory=dict)  # Linear (module, input, output grad) for W
+    outputs: dict = field(default_factory=dict)  # last-stage outputs (inference)
+    loss: torch.Tensor | None = None
+
+
+class PipelineRuntime:
+    """Runs this rank's share of a pipeline schedule.
+
+    Args:
+        stages: this pipeline rank's stage modules, ``{stage index: module}``; the keys must be
+            the stages the schedule places on this rank (``schedule.stages_of(pp_rank)``). Each
+            module maps the previous stage's output (stage 0: the token ids) to its own output.
+        schedule: the same :class:`Schedule` on every pipeline rank; validated here.
+        mesh: a :class:`plait.Mesh`; this rank is ``mesh.pp_rank`` and talks to
+            ``mesh.pp_peer(...)``, the ranks with its own dp and tp coordinates. None: the whole
+            world is one pipeline.
+        loss_fn: ``loss_fn(last_stage_output, targets) -> mean loss of the micro-batch``.
+        checkpoint: activation checkpointing: True for every stage here, or the stage indices.
+        uneven: allow a batch that does not divide into the micro-batches (sizes then differ by
+            one); False refuses it with an error.
+        prefetch: post each receive this many compute actions before it (0: at the receive).
+
+    Example (on each of 2 workers)::
+
+        stages = partition(model, 2)
+        rt = PipelineRuntime({r: stages[r]}, build_schedule("1f1b", 2, 8), Mesh(pp=2),
+                             Transformer.loss)
+        loss = rt.train_step(x, y)  # same float on both ranks; grads are in the parameters
+        rt.timeline.bubble_fraction()
+    """
+
+    def __init__(
+        self,
+        stages: Mapping[int, nn.Module],
+        schedule: Schedule,
+        mesh=None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        checkpoint: bool | Iterable[int] = False,
+        uneven: bool = True,
+        prefetch: int = 1,
+    ):
+        self.mesh = mesh if mesh is not None else _WorldPipe()
+        self.schedule = schedule
+        self.report = validate(schedule)
+        p = self.mesh.size("pp")
+        if schedule.num_ranks != p:
+            raise ValueError(
+                f"schedule {schedule.name!r} is for {schedule.num_ranks} pipeline ranks but the "
+                f"mesh has pp={p}"
+            )
+        self.pp_rank = self.mesh.pp_rank
+        mine = schedule.stages_of(self.pp_rank)
+        if sorted(stages) != mine:
+            raise ValueError(
+                f"pipeline rank {self.pp_rank} runs stages {mine} of schedule {schedule.name!r} "
+                f"but was given stages {sorted(stages)}"
+            )
+        self.stages = dict(stages)
+        self.loss_fn = loss_fn
+        self.uneven = uneven
+        last = schedule.num_stages - 1
+        if loss_fn is None and last in self.stages and not schedule.is_forward_only:
+            raise ValueError("training needs loss_fn(outputs, targets) on the last stage's rank")
+        if checkpoint is True:
+            self.checkpointed = set(mine)
+        elif checkpoint is False:
+            self.checkpointed = set()
+        else:
+            self.checkpointed = set(checkpoint)
+            if not self.checkpointed <= set(mine):
+                raise ValueError(
+                    f"checkpoint names stages {sorted(self.checkpointed - set(mine))} that are "
+                    f"not on pipeline rank {self.pp_rank} (its stages: {mine})"
+                )
+        self.timeline = Timeline(schedule.num_ranks)
+        self._train_plan = _Plan(schedule.actions[self.pp_rank], prefetch, self._peer)
+        self._infer_plan = _Plan(
+            schedule.forward_only().actions[self.pp_rank], prefetch, self._peer
+        )
+        # Zero-bubble split: plain Linear layers have their weight gradient deferred to W.
+        split = any(a.kind is Kind.W for a in schedule.actions[self.pp_rank])
+        self._deferred: dict[int, list[nn.Linear]] = {}
+        self._others: dict[int, list[nn.Parameter]] = {}
+        self._recording: list | None = None
+        self._hooks = []
+        for s, module in self.stages.items():
+            lins = []
+            if split and s not in self.checkpointed:
+                lins = [
+                    m
+                    for m in module.modules()
+                    if type(m) is nn.Linear and m.weight.requires_grad  # noqa: E721 - exact type
+                ]
+            deferred = {id(q) for m in lins for q in m.parameters()}
+            self._deferred[s] = lins
+            self._others[s] = [
+                q for q in module.parameters() if q.requires_grad and id(q) not in deferred
+            ]
+            for m in lins:
+                self._hooks.append(m.register_forward_hook(self._record))
+        # Shapes learned at run time, keyed by (stage, input micro-batch key).
+        self._out_meta: dict[tuple, tuple] = {}  # outputs of my stages (for gradient receives)
+        self._in_meta: dict[tuple, tuple] = {}  # outputs of a previous stage on another rank
+        self._sent_meta: dict[tuple, tuple] = {}  # headers sent, and what they said
+        self._pending_sends: list = []
+
+    # -- public API ------------------------------------------------------------------------------
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor | None) -> float:
+        """One training step over the batch; returns the batch's mean loss on every pp rank.
+
+        Pass the same ``inputs`` on every pipeline rank (stage 0 reads the tokens, the others
+        only the shape); ``targets`` are needed on the rank of the last stage. Gradients are
+        accumulated into ``.grad`` of the parameters (zero them between steps as usual).
+        """
+        inputs_mb, sizes = self._split(inputs)
+        last_rank = self.schedule.stage_to_rank[-1]
+        targets_mb = None
+        if self.pp_rank == last_rank:
+            if targets is None or targets.shape[0] != inputs.shape[0]:
+                got = None if targets is None else tuple(targets.shape)
+                raise ValueError(
+                    f"the last stage needs targets with the batch's {inputs.shape[0]} rows, "
+                    f"got {got}"
+                )
+            targets_mb = list(torch.split(targets, sizes))
+        step = _Step(
+            True,
+            inputs_mb,
+            targets_mb,
+            [n / inputs.shape[0] for n in sizes],
+            [(tuple(x.shape), x.dtype) for x in inputs_mb],
+        )
+        self._run(self._train_plan, step)
+        loss = step.loss if step.loss is not None else torch.zeros((), dtype=torch.float64)
+        loss = loss.detach().to(torch.float64).reshape(1).clone()
+        if self.mesh.size("pp") > 1:
+            src = self.mesh.pp_peer(last_rank)
+            dist.broadcast(loss, src=src, group=self.mesh.group("pp"))
+        return float(loss.item())
+
+    @torch.no_grad()
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor | None:
+        """Forward-only (inference) over the batch: the last stage's outputs, None elsewhere.
+
+        Pass the same ``inputs`` on every pipeline rank.
+        """
+        inputs_mb, sizes = self._split(inputs)
+        step = _Step(
+            False,
+            inputs_mb,
+            None,
+            [n / inputs.shape[0] for n in sizes],
+            [(tuple(x.shape), x.dtype) for x in inputs_mb],
+        )
+        self._run(self._infer_plan, step)
+        if not step.outputs:
+            return None
+        return torch.cat([step.outputs[i] for i in range(len(inputs_mb))])
+
+    def gather_timeline(self) -> Timeline:
+        """Every pipeline rank's timeline of the last step, merged (collective over pp)."""
+        p = self.mesh.size("pp")
+        if p == 1:
+            return self.timeline
+        parts: list = [None] * p
+        dist.all_gather_object(parts, self.timeline.events, group=self.mesh.group("pp"))
+        return Timeline(p, [e for part in parts for e in part])
+
+    def close(self) -> None:
+        """Remove the forward hooks this runtime put on Linear layers."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # -- execution -------------------------------------------------------------------------------
+
+    def _split(self, inputs: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
+        if inputs is None:
+            raise ValueError(
+                "every pipeline rank must pass the batch's inputs (the stages after the first "
+                "use their shape to learn activation shapes without asking)"
+            )
+        sizes = split_batch(inputs.shape[0], self.schedule.num_microbatches, self.uneven)
+        return list(torch.split(inputs, sizes)), sizes
+
+    def _peer(self, stage: int) -> int:
+        return self.mesh.pp_peer(self.schedule.stage_to_rank[stage])
+
+    def _run(self, plan: _Plan, step: _Step) -> None:
+        events: list[Event] = []
+        posted: dict[int, tuple] = {}
+        queues = {src: deque(idx) for src, idx in plan.recvs_by_source.items()}
+        handlers = {
+            Kind.F: self._forward,
+            Kind.BW: self._backward,
+            Kind.B: self._backward_input,
+            Kind.W: self._backward_weight,
+            Kind.SEND_ACT: self._send,
+            Kind.SEND_GRAD: self._send,
+        }
+        try:
+            for i, a in enumerate(plan.actions):
+                self._post_receives(plan, i, queues, posted, step)
+                t0 = time.perf_counter()
+                if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+                    self._receive(plan, i, a, queues, posted, step)
+                else:
+                    handlers[a.kind](a, step)
+                t1 = time.perf_counter()
+                events.append(
+                    Event(self.pp_rank, str(a), a.kind.value, t0, t1, a.stage, a.microbatch)
+                )
+                if self._pending_sends:
+                    self._pending_sends = [
+                        s for s in self._pending_sends if not s[1].is_completed()
+                    ]
+            for _, work in self._pending_sends:
+                work.wait()
+        finally:
+            self._pending_sends = []
+            self._recording = None
+        self.timeline = Timeline(self.schedule.num_ranks, events)
+
+    # compute
+
+    def _record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._recording is not None:
+            self._recording.append((module, args[0], output))
+
+    def _forward(self, a: Action, step: _Step) -> None:
+        s, i = a.stage, a.microbatch
+        S = self.schedule.num_stages
+        x = step.inputs[i] if s == 0 else step.acts_in.pop((s, i))
+        module = self.stages[s]
+        if not step.training:
+            y = module(x)
+        else:
+            if x.is_floating_point():
+                x = x.detach().requires_grad_(True)
+            record = bool(self._deferred[s])
+            if record:
+                self._recording = []
+            if s in self.checkpointed:
+                y = _checkpoint(module, x, use_reentrant=False)
+            else:
+                y = module(x)
+            if record:
+                step.records[(s, i)] = self._recording
+                self._recording = None
+        if s == S - 1:
+            if step.training:
+                loss = self.loss_fn(y, step.targets[i]) * step.scales[i]
+                step.saved[(s, i)] = (x, loss)
+                step.loss = loss.detach() if step.loss is None else step.loss + loss.detach()
+            else:
+                step.outputs[i] = y
+            return
+        if step.training:
+            step.saved[(s, i)] = (x, y)
+        self._out_meta[(s, step.keys[i])] = (tuple(y.shape), y.dtype)
+        if self.schedule.stage_to_rank[s + 1] == self.pp_rank:
+            step.acts_in[(s + 1, i)] = y  # handed over; the next F detaches it
+        else:
+            step.sendable[(Kind.SEND_ACT, s, i)] = y.detach()
+
+    def _grad_of_output(self, s: int, i: int, step: _Step) -> torch.Tensor | None:
+        return None if s == self.schedule.num_stages - 1 else step.grads_in.pop((s, i))
+
+    def _pass_input_grad(self, s: int, i: int, x: torch.Tensor, gx, step: _Step) -> None:
+        if s == 0:
+            return
+        if gx is None:  # the output did not depend on the input
+            gx = torch.zeros_like(x)
+        if self.schedule.stage_to_rank[s - 1] == self.pp_rank:
+            step.grads_in[(s - 1, i)] = gx
+        else:
+            step.sendable[(Kind.SEND_GRAD, s, i)] = gx
+
+    def _backward(self, a: Action, step: _Step) -> None:
+        s, i = a.stage, a.microbatch
+        x, root = step.saved.pop((s, i))
+        g = self._grad_of_output(s, i, step)
+        torch.autograd.backward(root, g)
+        step.records.pop((s, i), None)
+        self._pass_input_grad(s, i, x, x.grad if s > 0 else None, step)
+
+    def _backward_input(self, a: Action, step: _Step) -> None:
+        s, i = a.stage, a.microbatch
+        x, root = step.saved.pop((s, i))
+        g = self._grad_of_output(s, i, step)
+        records = step.records.pop((s, i), None)
+        if not records:  # nothing to defer (checkpointed, or no plain Linear): whole backward
+            torch.autograd.backward(root, g)
+            self._pass_input_grad(s, i, x, x.grad if s > 0 else None, step)
+            return
+        want_x = s > 0 and x.requires_grad
+        others = self._others[s]
+        wrt = ([x] if want_x else []) + others + [out for _, _, out in records]
+        grads = torch.autograd.grad(root, wrt, grad_outputs=g, allow_unused=True)
+        k = 0
+        gx = None
+        if want_x:
+            gx, k = grads[0], 1
+        for q, gq in zip(others, grads[k : k + len(others)]):
+            if gq is not None:
+                if q.grad is None:
+                    q.grad = gq
+                else:
+                    q.grad.add_(gq)
+        dys = grads[k + len(others) :]
+        step.wgrads[(s, i)] = [(m, inp, dy) for (m, inp, _), dy in zip(records, dys)]
+        self._pass_input_grad(s, i, x, gx, step)
+
+    @torch.no_grad()
+    def _backward_weight(self, a: Action, step: _Step) -> None:
+        for m, inp, dy in step.wgrads.pop((a.stage, a.microbatch), ()):
+            if dy is None:
+                continue
+            dy2 = dy.reshape(-1, dy.shape[-1])
+            gw = dy2.t().mm(inp.reshape(-1, inp.shape[-1]))
+            _accumulate(m.weight, gw)
+            if m.bias is not None and m.bias.requires_grad:
+                _accumulate(m.bias, dy2.sum(0))
+
+    # communication
+
+    def _send(self, a: Action, step: _Step) -> None:
+        s, i = a.stage, a.microbatch
+        t = step.sendable.pop((a.kind, s, i)).contiguous()
+        if a.kind is Kind.SEND_ACT:
+            dst = self._peer(s + 1)
+            key = (s, step.keys[i])
+            meta = (tuple(t.shape), t.dtype)
+            if key not in self._sent_meta:
+                header = _encode(meta)
+                self._pending_sends.append((header, dist.isend(header, dst)))
+                self._sent_meta[key] = meta
+            elif self._sent_meta[key] != meta:
+                raise RuntimeError(
+                    f"stage {s} produced {meta} for micro-batch input {step.keys[i]}, where an "
+                    f"earlier step produced {self._sent_meta[key]} for the same input shape; the "
+                    f"pipeline learns activation shapes per input shape and needs them to be a "
+                    f"function of it"
+                )
+        else:
+            dst = self._peer(s - 1)
+        self._pending_sends.append((t, dist.isend(t, dst)))
+
+    def _recv_meta(self, a: Action, step: _Step) -> tuple | None:
+        """(shape, dtype) of what ``a`` receives, if already known without a header."""
+        i = a.microbatch
+        if a.kind is Kind.RECV_ACT:
+            return self._in_meta.get((a.stage - 1, step.keys[i]))
+        return self._out_meta.get((a.stage, step.keys[i]))
+
+    def _post_receives(self, plan, i: int, queues, posted, step: _Step) -> None:
+        for src, q in queues.items():
+            while q and plan.post_at[q[0]] <= i:
+                j = q[0]
+                meta = self._recv_meta(plan.actions[j], step)
+                if meta is None:
+                    break  # a header comes first: post at the receive itself, in order
+                buf = torch.empty(meta[0], dtype=meta[1])
+                posted[j] = (buf, dist.irecv(buf, src))
+                q.popleft()
+
+    def _receive(self, plan, i: int, a: Action, queues, posted, step: _Step) -> None:
+        if i not in posted:
+            src = plan.source[i]
+            q = queues[src]
+            assert q and q[0] == i, "receives are posted in list order"
+            meta = self._recv_meta(a, step)
+            if meta is None:  # first time this input shape crosses: learn it
+                header = torch.empty(_HEADER, dtype=torch.int64)
+                dist.irecv(header, src).wait()
+                meta = _decode(header)
+                self._in_meta[(a.stage - 1, step.keys[a.microbatch])] = meta
+            buf = torch.empty(meta[0], dtype=meta[1])
+            posted[i] = (buf, dist.irecv(buf, src))
+            q.popleft()
+        buf, work = posted.pop(i)
+        work.wait()
+        if a.kind is Kind.RECV_ACT:
+            step.acts_in[(a.stage, a.microbatch)] = buf
+        else:
+            step.grads_in[(a.stage, a.microbatch)] = buf
+
+
+class _Plan:
+    """Precomputed per action list: each receive's source rank and when to post it."""
+
+    def __init__(self, actions: list[Action], prefetch: int, peer: Callable[[int], int]):
+        self.actions = actions
+        self.source: dict[int, int] = {}  # receive index -> global rank it comes from
+        self.post_at: dict[int, int] = {}  # receive index -> action index to post it before
+        self.recvs_by_source: dict[int, list[int]] = {}
+        computes: list[int] = []
+        for j, a in enumerate(actions):
+            if a.is_compute:
+                computes.append(j)
+            elif a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+                if prefetch <= 0:
+                    self.post_at[j] = j
+                elif len(computes) >= prefetch:
+                    self.post_at[j] = computes[-prefetch]
+                else:
+                    self.post_at[j] = 0
+                src_stage = a.stage - 1 if a.kind is Kind.RECV_ACT else a.stage + 1
+                self.source[j] = peer(src_stage)
+                self.recvs_by_source.setdefault(self.source[j], []).append(j)
+
+
+def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad
+    else:
+        param.grad.add_(grad)
+
+
+def _encode(meta: tuple) -> torch.Tensor:
+    shape, dtype = meta
+    if len(shape) > _HEADER - 2:
+        raise ValueError(f"activations of more than {_HEADER - 2} dimensions: {shape}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"activation dtype {dtype} is not one of {_DTYPES}")
+    words = [_DTYPES.index(dtype), len(shape), *shape]
+    return torch.tensor(words + [0] * (_HEADER - len(words)), dtype=torch.int64)
+
+
+def _decode(header: torch.Tensor) -> tuple:
+    words = header.tolist()
+    ndim = words[1]
+    return tuple(words[2 : 2 + ndim]), _DTYPES[words[0]]

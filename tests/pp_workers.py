@@ -1,0 +1,161 @@
+"""Module-level worker functions for the pipeline tests (launch pickles them by reference)."""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+import torch.distributed as dist
+
+from plait.mesh import Mesh
+from plait.models.transformer import ModelConfig, Transformer
+from plait.pipeline import PipelineRuntime, build_schedule, partition
+
+CFG = ModelConfig(vocab_size=64, n_layers=8, hidden=32, n_heads=4, ffn=64, max_seq_len=32)
+LR = 0.1
+
+
+def batch(B: int, T: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, CFG.vocab_size, (B, T), generator=g)
+    y = torch.randint(0, CFG.vocab_size, (B, T), generator=g)
+    return x, y
+
+
+def reference(steps: list[tuple[int, int, int]]) -> tuple[list[float], list[dict]]:
+    """Single-process float64 losses and gradients over ``steps``, with SGD in between."""
+    model = Transformer(CFG, seed=0).double()
+    losses, grads = [], []
+    for B, T, seed in steps:
+        x, y = batch(B, T, seed)
+        model.zero_grad(set_to_none=True)
+        loss = model.loss(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
+    return losses, grads
+
+
+def run_cases(mesh_shape: tuple[int, int, int], cases: list[dict]) -> list[dict]:
+    """Run each case's training steps (and an inference pass) on this rank's stages."""
+    mesh = Mesh(*mesh_shape)
+    out = []
+    for case in cases:
+        p = mesh.size("pp")
+        sched = build_schedule(case["name"], p, case["m"], case.get("v"))
+        model = Transformer(CFG, seed=0).double()
+        stages = partition(model, sched.num_stages, balance=case.get("balance", "layers"))
+        mine = {s: stages[s] for s in sched.stages_of(mesh.pp_rank)}
+        rt = PipelineRuntime(
+            mine, sched, mesh, Transformer.loss, checkpoint=case.get("checkpoint", False)
+        )
+        params = {n: q for s in mine.values() for n, q in s.named_parameters()}
+        losses, grads = [], []
+        t0 = time.monotonic()
+        for B, T, seed in case["steps"]:
+            x, y = batch(B, T, seed)
+            for q in params.values():
+                q.grad = None
+            losses.append(rt.train_step(x, y))
+            grads.append({n: q.grad.clone() for n, q in params.items()})
+            with torch.no_grad():
+                for q in params.values():
+                    q -= LR * q.grad
+        seconds = time.monotonic() - t0
+        # the measured timeline of the last training step: one event per action, in order
+        acts = sched.actions[mesh.pp_rank]
+        ev = rt.timeline.events
+        timeline_ok = (
+            [e.name for e in ev] == [str(a) for a in acts]
+            and all(e.rank == mesh.pp_rank and e.end >= e.start for e in ev)
+            and all(a.end <= b.start for a, b in zip(ev, ev[1:]))
+        )
+        merged = rt.gather_timeline()
+        B, T, seed = case["steps"][-1]
+        inferred = rt.forward(batch(B, T, seed)[0])
+        events = rt.timeline.events
+        rt.close()
+        out.append(
+            {
+                "case": case,
+                "losses": losses,
+                "grads": grads,
+                "seconds": seconds,
+                "infer": inferred,
+                "infer_events": [e.name for e in events],
+                "timeline_ok": timeline_ok,
+                "merged_ranks": sorted({e.rank for e in merged.events}),
+                "bubble": merged.bubble_fraction(),
+                "params_after": {n: q.detach().clone() for n, q in params.items()},
+            }
+        )
+    return out
+
+
+def refusals(m: int) -> dict:
+    """Bad batches are refused on every rank before any message; a good step still works."""
+    sched = build_schedule("1f1b", dist.get_world_size(), m)
+    model = Transformer(CFG, seed=0).double()
+    stages = partition(model, sched.num_stages)
+    r = dist.get_rank()
+    found = {}
+    for label, B, uneven in (("too_small", m - 1, True), ("indivisible", m + 1, False)):
+        rt = PipelineRuntime({r: stages[r]}, sched, None, Transformer.loss, uneven=uneven)
+        x, y = batch(B, 8, 0)
+        try:
+            rt.train_step(x, y)
+            found[label] = None
+        except ValueError as e:
+            found[label] = str(e)
+        rt.close()
+    rt = PipelineRuntime({r: stages[r]}, sched, None, Transformer.loss)
+    x, y = batch(m + 1, 8, 0)  # uneven split, allowed
+    found["uneven_loss"] = rt.train_step(x, y)
+    return found
+
+
+def saved_activation_peak(name: str, m: int) -> dict:
+    """Peak bytes of tensors saved for backward (parameters excluded) during one step.
+
+    Returned in units of one micro-batch's saved bytes on this rank, i.e. micro-batches in flight.
+    """
+    p = dist.get_world_size()
+    sched = build_schedule(name, p, m)
+    model = Transformer(CFG, seed=0).double()
+    stages = partition(model, sched.num_stages)
+    r = dist.get_rank()
+    mine = {s: stages[s] for s in sched.stages_of(r)}
+    rt = PipelineRuntime(mine, sched, None, Transformer.loss)
+    param_storage = {q.untyped_storage().data_ptr() for s in mine.values() for q in s.parameters()}
+    live = {"bytes": 0, "peak": 0, "total": 0}
+
+    class Saved:
+        """Holds one saved tensor; its death (graph freed) releases its bytes."""
+
+        def __init__(self, t: torch.Tensor):
+            self.t = t
+
+    def pack_counted(t: torch.Tensor):
+        box = Saved(t)
+        if t.untyped_storage().data_ptr() in param_storage:
+            return box
+        n = t.numel() * t.element_size()
+        live["bytes"] += n
+        live["total"] += n
+        live["peak"] = max(live["peak"], live["bytes"])
+        weakref.finalize(box, _release, live, n)
+        return box
+
+    x, y = batch(2 * m, 8, 0)
+    with torch.autograd.graph.saved_tensors_hooks(pack_counted, lambda box: box.t):
+        rt.train_step(x, y)
+    per_mb = live["total"] / (m * len(mine))
+    return {"in_flight": live["peak"] / per_mb, "validator": rt.report.peak_in_flight[r]}
+
+
+def _release(live: dict, n: int) -> None:
+    live["bytes"] -= n
