@@ -12,6 +12,7 @@ from plait.tensor import (
     gather_grads,
     gather_state_dict,
     gather_vocab,
+    grad_norm_sq,
     is_tp_sharded,
     loss_fn,
     parallelize,
@@ -50,9 +51,9 @@ def _grad_errors(grads: dict, ref: nn.Module, rename=lambda n: n) -> dict[str, f
     return out
 
 
-def equivalence(tp: int, sequence_parallel: bool, dtype: str) -> dict:
+def equivalence(tp: int, sequence_parallel: bool, dtype: str, dp: int = 1) -> dict:
     """One forward/backward of the sharded model against the unsharded one on every rank."""
-    mesh = Mesh(tp=tp)
+    mesh = Mesh(dp=dp, tp=tp)
     dt = DTYPES[dtype]
     x, y = _batch()
     ref = Transformer(CFG, seed=0).to(dt)
@@ -71,6 +72,8 @@ def equivalence(tp: int, sequence_parallel: bool, dtype: str) -> dict:
     grads = gather_grads(model)
     full_logits = gather_vocab(logits, mesh.group("tp"), CFG.vocab_size)
     ref_state = ref.state_dict()
+    norm_sq = grad_norm_sq(model.parameters(), mesh.group("tp"))
+    ref_norm_sq = sum(p.grad.double().pow(2).sum() for p in ref.parameters())
     return {
         "logits": _rel(full_logits, ref_logits),
         "local_logits_width": logits.shape[-1],
@@ -80,6 +83,7 @@ def equivalence(tp: int, sequence_parallel: bool, dtype: str) -> dict:
         "state_exact": all(torch.equal(state[k], ref_state[k]) for k in ref_state),
         "sharded_fraction": local_numel / full_numel,
         "n_sharded": sum(is_tp_sharded(p) for p in model.parameters()),
+        "grad_norm_sq": _rel(norm_sq, ref_norm_sq),
     }
 
 
@@ -92,7 +96,10 @@ def stages(tp: int, sequence_parallel: bool) -> dict:
 
     m = Transformer(CFG, seed=0).double()
     s0 = parallelize(nn.Sequential(m.embed, m.blocks[0]), mesh, sequence_parallel=sequence_parallel)
-    s1 = parallelize(nn.Sequential(m.blocks[1], m.head), mesh, sequence_parallel=sequence_parallel)
+    # The second stage gets the ProcessGroup itself rather than the mesh.
+    s1 = parallelize(
+        nn.Sequential(m.blocks[1], m.head), mesh.group("tp"), sequence_parallel=sequence_parallel
+    )
     h = s0(x)
     loss = loss_fn(s1)(s1(h), y)
     loss.backward()
