@@ -167,3 +167,44 @@ def test_ir_generators_and_validator_stay_free_of_torch():
     for name in ("schedule.py", "generators.py", "validate.py", "__init__.py"):
         text = (root / name).read_text()
         assert not re.search(r"^\s*(import|from)\s+torch", text, re.M), name
+
+
+def _unit_makespan(s: Schedule, cost: dict) -> float:
+    """Finish time when each rank runs its compute order with these costs, messages free."""
+    fin: dict = {}
+    clock = [0.0] * s.num_ranks
+    pc = [0] * s.num_ranks
+    orders = s.compute_only()
+    progress = True
+    while progress:
+        progress = False
+        for r, acts in enumerate(orders):
+            while pc[r] < len(acts):
+                a = acts[pc[r]]
+                st, i = a.stage, a.microbatch
+                if a.kind is Kind.F:
+                    deps = [Action(Kind.F, st - 1, i)] if st > 0 else []
+                elif a.kind is Kind.W:
+                    deps = [Action(Kind.B, st, i)]
+                else:
+                    deps = [Action(Kind.F, st, i)]
+                    if st < s.num_stages - 1:
+                        nxt = Action(Kind.B, st + 1, i)
+                        deps.append(nxt if nxt in fin else Action(Kind.BW, st + 1, i))
+                if any(d not in fin for d in deps):
+                    break
+                start = max([clock[r]] + [fin[d] for d in deps])
+                fin[a] = clock[r] = start + cost[a.kind] / s.virtual
+                pc[r] += 1
+                progress = True
+    return max(clock)
+
+
+@pytest.mark.parametrize("p,m", [(2, 8), (4, 8), (4, 16), (8, 32)])
+def test_bubbles_in_unit_time(p, m):
+    cost = {Kind.F: 1, Kind.B: 1, Kind.W: 1, Kind.BW: 2}
+    one_f = _unit_makespan(build_schedule("1f1b", p, m), cost)
+    assert one_f == 3 * m + 3 * (p - 1)  # the textbook 1F1B bubble
+    assert _unit_makespan(build_schedule("zb-h1", p, m), cost) == 3 * m + (p - 1)  # ZB-H1's
+    assert _unit_makespan(build_schedule("interleaved-1f1b", p, m, 2), cost) < one_f
+    assert _unit_makespan(build_schedule("zb-v", p, m), cost) < one_f

@@ -441,8 +441,12 @@ class PipelineRuntime:
             if dy is None:
                 continue
             dy2 = dy.reshape(-1, dy.shape[-1])
-            gw = dy2.t().mm(inp.reshape(-1, inp.shape[-1]))
-            _accumulate(m.weight, gw)
+            x2 = inp.reshape(-1, inp.shape[-1])
+            # accumulate in place: no temporary the size of the weight
+            if m.weight.grad is None:
+                m.weight.grad = dy2.t().mm(x2)
+            else:
+                m.weight.grad.addmm_(dy2.t(), x2)
             if m.bias is not None and m.bias.requires_grad:
                 _accumulate(m.bias, dy2.sum(0))
 
