@@ -100,3 +100,13 @@ def kill_parent_at(parent_pid: int, exec_dir: str, victim: int, x):
     if x == victim:
         os.kill(parent_pid, signal.SIGKILL)
     return x * x
+
+
+def double_with_state(state, x):
+    return 2 * x + state["offset"], state["pid"]
+
+
+def raise_with_state(state, x):
+    if x == 2:
+        raise ValueError(f"bad item {x}")
+    return x, state["pid"]

@@ -251,3 +251,26 @@ def test_stored_files_are_whole_pickles(tmp_path):
     tasks.map(tw.square_pid, range(4), workers=2, results_dir=tmp_path, progress=False)
     names = sorted(p.name for p in Path(tmp_path).iterdir())
     assert names == [f"0000000{i}.pkl" for i in range(4)] + ["plait-tasks.json"]
+
+
+def test_pool_keeps_workers_and_setup_across_jobs(tmp_path):
+    with tasks.Pool(2, setup=partial(tw.setup_counter, str(tmp_path))) as pool:
+        first = pool.map(tw.use_state, range(10), progress=False)
+        second = pool.map(tw.double_with_state, range(10), progress=False)
+        # A job that fails drops only the workers busy on it; the next job is unaffected.
+        with pytest.raises(TaskError, match="item 2"):
+            pool.map(tw.raise_with_state, range(6), progress=False)
+        third = pool.map(tw.use_state, range(10), progress=False)
+    assert [r for r, _ in first] == [r for r, _ in third] == [x + 100 for x in range(10)]
+    assert [r for r, _ in second] == [2 * x + 100 for x in range(10)]
+    setups = collections.Counter(int(f.name.split("-")[0]) for f in tmp_path.iterdir())
+    assert set(setups.values()) == {1}
+    # The first two jobs ran on the same two processes: setup ran twice, not once per job.
+    assert {pid for _, pid in first} | {pid for _, pid in second} <= set(setups)
+    assert len({pid for _, pid in first + second}) <= 2
+    _assert_gone(set(setups))
+
+
+def test_pool_refuses_per_job_setup():
+    with tasks.Pool(1) as pool, pytest.raises(TypeError, match="setup= is fixed"):
+        pool.map(tw.square_pid, [1], setup=tw.failing_setup)

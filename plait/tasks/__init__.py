@@ -8,13 +8,15 @@ batches or jobs: workers never talk while working, so throughput scales with wor
     plait.tasks.map(fn, items, setup=load_model)   # fn(model, item); setup once per worker
     plait.tasks.map(fn, items, results_dir="out")  # resumable: a rerun computes what is missing
     plait.tasks.map(fn, items, executor=distributed.Client(addr).get_executor())  # many machines
+    with plait.tasks.Pool(2, setup=load_model) as pool:  # workers (and models) kept across jobs
+        pool.map(fn, items)
 
-Files: ``api`` (map, stream), ``pool`` (the local process pool: dispatch, deaths, retries),
+Files: ``api`` (map, stream, Pool), ``pool`` (the local process pool: dispatch, deaths, retries),
 ``executor`` (any concurrent.futures.Executor, Dask included), ``worker`` (what runs in a worker),
 ``store`` (atomic resumable results), ``errors``.
 """
 
-from plait.tasks.api import map, stream
+from plait.tasks.api import Pool, map, stream
 from plait.tasks.errors import SetupError, TaskError, WorkerLostError
 from plait.tasks.pool import LocalPool
 from plait.tasks.store import ResultStore
@@ -22,6 +24,7 @@ from plait.tasks.store import ResultStore
 __all__ = [
     "map",
     "stream",
+    "Pool",
     "TaskError",
     "WorkerLostError",
     "SetupError",

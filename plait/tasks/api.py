@@ -14,7 +14,7 @@ from plait.tasks.pool import LocalPool
 from plait.tasks.store import ResultStore
 from plait.tasks.worker import dumps_callable
 
-__all__ = ["map", "stream"]
+__all__ = ["map", "stream", "Pool"]
 
 
 def stream(
@@ -31,6 +31,7 @@ def stream(
     threads_per_worker: int | None = None,
     progress: bool = True,
     description: str = "tasks",
+    _pool: LocalPool | None = None,
 ) -> Iterator[tuple[int, Any]]:
     """Run ``fn`` over ``items`` in parallel; yield ``(index, result)`` as each one finishes.
 
@@ -50,7 +51,10 @@ def stream(
         key: with ``results_dir``, name each stored result ``key(item)`` instead of by index,
             so a rerun may reorder or extend ``items``.
         retries: extra attempts for an item whose worker died (fn raising is not retried).
-        timeout: seconds an item may run before its worker is killed (and the item retried).
+        timeout: local pool: seconds an item may run before its worker is killed (and the item
+            retried). With an ``executor``: seconds to wait for any item to finish before
+            giving up with :class:`WorkerLostError` (an executor's workers cannot be killed
+            from here).
         threads_per_worker: torch threads per local worker (default: CPU cores / workers).
         progress: show a progress bar on stderr.
         description: the progress bar's label.
@@ -94,17 +98,18 @@ def stream(
                 retries,
                 timeout,
             )
+        elif _pool is not None:
+            results = _pool.results(dumps_callable(fn, "fn"), todo)
         else:
             n = min(workers or os.cpu_count() or 1, len(todo))
             pool = LocalPool(
-                dumps_callable(fn, "fn"),
-                dumps_callable(setup, "setup") if setup is not None else None,
                 n,
+                dumps_callable(setup, "setup") if setup is not None else None,
                 retries=retries,
                 timeout=timeout,
                 threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // n),
             )
-            results = pool.results(todo)
+            results = _closing(pool, pool.results(dumps_callable(fn, "fn"), todo))
         t0, done = time.perf_counter(), 0
         for index, result, _seconds in results:
             if store is not None:
@@ -112,6 +117,13 @@ def stream(
             done += 1
             update(items_s=f"{done / (time.perf_counter() - t0):.1f}")
             yield index, result
+
+
+def _closing(pool: LocalPool, results: Iterator) -> Iterator:
+    try:
+        yield from results
+    finally:
+        pool.close()
 
 
 def map(
@@ -145,6 +157,10 @@ def map(
 def _validate(fn, workers, setup, executor, retries, timeout, threads_per_worker) -> None:
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {fn!r}")
+    _validate_options(workers, setup, executor, retries, timeout, threads_per_worker)
+
+
+def _validate_options(workers, setup, executor, retries, timeout, threads_per_worker) -> None:
     if setup is not None and not callable(setup):
         raise TypeError(f"setup must be callable or None, got {setup!r}")
     if workers is not None and (
@@ -166,3 +182,67 @@ def _validate(fn, workers, setup, executor, retries, timeout, threads_per_worker
         raise ValueError(
             f"threads_per_worker must be a positive integer or None, got {threads_per_worker!r}"
         )
+
+
+class Pool:
+    """Local worker processes kept across jobs: ``setup`` runs once per worker, not once per map.
+
+    :func:`map` starts its workers for one call; a Pool starts them once (lazily, at the first
+    job) and serves many, like a warm ``joblib`` or Dask worker. Options are :func:`stream`'s.
+
+    Example::
+
+        with plait.tasks.Pool(2, setup=load_model) as pool:
+            for batch_list in jobs:
+                losses = pool.map(score, batch_list)    # score(model, batch)
+    """
+
+    def __init__(
+        self,
+        workers: int | None = None,
+        *,
+        setup: Callable[[], Any] | None = None,
+        retries: int = 2,
+        timeout: float | None = None,
+        threads_per_worker: int | None = None,
+    ):
+        _validate_options(workers, setup, None, retries, timeout, threads_per_worker)
+        n = workers or os.cpu_count() or 1
+        self._pool = LocalPool(
+            n,
+            dumps_callable(setup, "setup") if setup is not None else None,
+            retries=retries,
+            timeout=timeout,
+            threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // n),
+        )
+        self._setup = setup
+
+    def stream(self, fn: Callable[..., Any], items: Iterable[Any], **options: Any):
+        """:func:`stream` on this pool's workers (``results_dir``, ``key``, ``progress``...)."""
+        for name in ("setup", "executor", "workers", "retries", "timeout", "threads_per_worker"):
+            if name in options:
+                raise TypeError(f"{name}= is fixed when the Pool is created, not per job")
+        return stream(fn, items, setup=self._setup, _pool=self._pool, **options)
+
+    def map(self, fn: Callable[..., Any], items: Iterable[Any], **options: Any) -> list[Any]:
+        """:func:`map` on this pool's workers; results in input order."""
+        items = list(items)
+        results: list[Any] = [None] * len(items)
+        for index, result in self.stream(fn, items, **options):
+            results[index] = result
+        return results
+
+    @property
+    def completed_per_worker(self) -> dict[int, int]:
+        """``{worker pid: items completed}`` over the pool's life."""
+        return dict(self._pool.completed_per_worker)
+
+    def close(self) -> None:
+        """Stop the workers (also done on leaving a ``with`` block)."""
+        self._pool.close()
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

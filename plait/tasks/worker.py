@@ -91,8 +91,12 @@ def call_item(job: str, fn: Callable, setup: Callable | None, item: Any) -> tupl
 # ---- local pool path -----------------------------------------------------------------------
 
 
-def local_worker_main(fn_bytes: bytes, setup_bytes: bytes | None, threads: int | None, conn):
-    """The loop of one local pool worker. Messages in: pickled ``(index, item)`` or ``b""`` (stop).
+def local_worker_main(setup_bytes: bytes | None, threads: int | None, conn) -> None:
+    """The loop of one local pool worker.
+
+    Messages in: pickled ``(fn_bytes, index, item)``, or ``b""`` to stop. ``fn`` travels with
+    every item (a module-level function pickles to a few dozen bytes) and is unpickled only when
+    it changes, so one pool serves job after job while ``setup``'s state stays built.
 
     Messages out (pickled): ``("ok", index, result, seconds)``, ``("err", index, message, tb)``
     or ``("setup_err", None, message, tb)``.
@@ -107,12 +111,12 @@ def local_worker_main(fn_bytes: bytes, setup_bytes: bytes | None, threads: int |
 
         torch.set_num_threads(threads)
     try:
-        fn = pickle.loads(fn_bytes)
         state = _NO_SETUP if setup_bytes is None else pickle.loads(setup_bytes)()
     except BaseException as exc:  # noqa: BLE001
         _, message, tb = _failure(exc)
         conn.send_bytes(pickle.dumps(("setup_err", None, message, tb)))
         return
+    fn_bytes, fn = b"", None
     while True:
         try:
             msg = conn.recv_bytes()
@@ -120,9 +124,12 @@ def local_worker_main(fn_bytes: bytes, setup_bytes: bytes | None, threads: int |
             return  # the parent is gone or closed the pipe
         if not msg:
             return
-        index, item = pickle.loads(msg)
         t0 = time.perf_counter()
+        index = None
         try:
+            new_fn_bytes, index, item = pickle.loads(msg)
+            if new_fn_bytes != fn_bytes:
+                fn, fn_bytes = pickle.loads(new_fn_bytes), new_fn_bytes
             result = _apply(fn, state, item)
             reply = pickle.dumps(("ok", index, result, time.perf_counter() - t0))
         except BaseException as exc:  # noqa: BLE001 - includes an unpicklable result
