@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from plait.infer.cli import add_infer_parser
+from plait.plan.cli import add_plan_parser, add_simulate_parser
 
 __all__ = ["main", "build_parser"]
 
@@ -18,6 +19,13 @@ def _add_train(sub) -> None:
         "process or a dp x pp x tp mesh of local workers.",
     )
     p.add_argument("--model", default="tiny", help="model preset (tiny, small)")
+    p.add_argument(
+        "--layers",
+        dest="n_layers",
+        type=int,
+        default=None,
+        help="override the preset's layer count",
+    )
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=8, help="global batch, in sequences")
     p.add_argument("--seq-len", type=int, default=64)
@@ -45,7 +53,20 @@ def _add_train(sub) -> None:
     mesh.add_argument(
         "--microbatches", type=int, default=None, help="micro-batches per step (default: pp)"
     )
-    mesh.add_argument("--virtual", type=int, default=1, help="model chunks per pipeline rank")
+    mesh.add_argument(
+        "--virtual",
+        type=int,
+        default=None,
+        help="model chunks per pipeline rank (default 2 for interleaved-1f1b and zb-v, else 1)",
+    )
+    mesh.add_argument(
+        "--balance", default="layers", help="how to cut stages: layers, params or time"
+    )
+    mesh.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="recompute each stage's activations in backward",
+    )
     mesh.add_argument(
         "--sequence-parallel",
         action="store_true",
@@ -90,37 +111,15 @@ def _add_train(sub) -> None:
 
 
 def _cmd_train(args) -> int:
+    from dataclasses import fields
+
     from plait.launch import WorkerError
     from plait.train import TrainConfig, train
 
+    # Every train option's dest is the TrainConfig field of the same name.
+    names = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(
-        model=args.model,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        lr=args.lr,
-        lr_schedule=args.lr_schedule,
-        warmup_steps=args.warmup_steps,
-        weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip,
-        dtype=args.dtype,
-        data=args.data,
-        dp=args.dp,
-        pp=args.pp,
-        tp=args.tp,
-        schedule=args.schedule,
-        microbatches=args.microbatches,
-        virtual=args.virtual,
-        sequence_parallel=args.sequence_parallel,
-        metrics_out=args.metrics_out,
-        trace_out=args.trace_out,
-        timeline_png=args.timeline_png,
-        checkpoint_dir=args.checkpoint_dir,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        timeout=args.timeout,
-        progress=not args.no_progress,
+        **{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress
     )
     try:
         history = train(cfg)
@@ -173,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_demo(sub)
     add_infer_parser(sub)
+    add_plan_parser(sub)
+    add_simulate_parser(sub)
     return parser
 
 

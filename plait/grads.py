@@ -14,18 +14,16 @@ pipeline group; the data-parallel replicas already hold identical averaged gradi
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["GradSync", "clip_grad_norm", "is_tp_sharded"]
+from plait import comm
+from plait.tensor.state import is_tp_sharded
 
-
-def is_tp_sharded(param: torch.Tensor) -> bool:
-    """True when ``param`` holds only this rank's slice of a tensor-parallel weight."""
-    return bool(getattr(param, "_plait_tp_sharded", False))
+__all__ = ["GradSync", "clip_grad_norm"]
 
 
 class GradSync:
@@ -44,12 +42,10 @@ class GradSync:
         params: Iterable[nn.Parameter],
         group: dist.ProcessGroup | None,
         bucket_bytes: int = 25 * 1024 * 1024,
-        on_bytes: Callable[[int], None] | None = None,
     ):
         self.group = group
         self.size = dist.get_world_size(group) if group is not None else 1
         self.params = [p for p in params if p.requires_grad]
-        self.on_bytes = on_bytes
         self.buckets: list[list[nn.Parameter]] = []
         current, size = [], 0
         for p in reversed(self.params):
@@ -98,9 +94,8 @@ class GradSync:
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad.reshape(-1))
         flat = torch.cat(grads)
-        if self.on_bytes:
-            self.on_bytes(flat.numel() * flat.element_size())
-        self._works[b] = (dist.all_reduce(flat, group=self.group, async_op=True), flat)
+        work = comm.all_reduce_async(flat, self.group, axis="dp", phase="backward")
+        self._works[b] = (work, flat)
 
     def finish(self) -> None:
         """Reduce any bucket not yet started, wait for all, and write averages into ``.grad``."""

@@ -200,7 +200,11 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             name = f"signal {-code}"
         return f"died (killed by {name}) without returning a result"
-    return f"exited with code {code} without returning a result"
+    return (
+        f"exited with code {code} without returning a result (its own output above says why; "
+        "a script that calls plait.launch needs an `if __name__ == '__main__':` guard, as "
+        "workers import the main module)"
+    )
 
 
 def _stop(procs, grace: float) -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from plait import comm
 from plait.checkpoint import (
     gather_full,
     latest_checkpoint,
@@ -58,6 +59,7 @@ class TrainConfig:
     """
 
     model: str = "tiny"
+    n_layers: int | None = None
     steps: int = 50
     batch_size: int = 8
     seq_len: int = 64
@@ -76,7 +78,9 @@ class TrainConfig:
     tp: int = 1
     schedule: str = "1f1b"
     microbatches: int | None = None
-    virtual: int = 1
+    virtual: int | None = None
+    balance: str = "layers"
+    activation_checkpointing: bool = False
     sequence_parallel: bool = False
     zero1: bool = False
     # outputs and fault tolerance
@@ -97,11 +101,23 @@ class TrainConfig:
     def num_microbatches(self) -> int:
         return self.microbatches or max(1, self.pp)
 
+    @property
+    def num_virtual(self) -> int:
+        """Model chunks per pipeline rank: as given, else 2 for V-shaped and interleaved."""
+        if self.virtual is not None:
+            return self.virtual
+        return 2 if self.schedule in ("zb-v", "interleaved-1f1b") and self.pp > 1 else 1
+
+    def model_config(self):
+        """The model preset, with ``n_layers`` replaced when given."""
+        return get_config(self.model, **({"n_layers": self.n_layers} if self.n_layers else {}))
+
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting (before any process starts)."""
-        mcfg = get_config(self.model)
-        for name in ("steps", "batch_size", "seq_len", "dp", "pp", "tp", "virtual"):
+        mcfg = self.model_config()
+        for name in ("steps", "batch_size", "seq_len", "dp", "pp", "tp", "num_virtual"):
             value = getattr(self, name)
+            name = "virtual" if name == "num_virtual" else name
             if not isinstance(value, int) or value < 1:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}"
@@ -168,13 +184,13 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
     rank0 = mesh.rank == 0
     dtype = DTYPES[cfg.dtype]
     data = ByteDataset.from_path(cfg.data, seed=cfg.seed)
-    full = Transformer(get_config(cfg.model), seed=cfg.seed).to(dtype)
+    full = Transformer(cfg.model_config(), seed=cfg.seed).to(dtype)
     start_step, resume_from = 0, None
     if cfg.resume:
         resume_from = latest_checkpoint(cfg.checkpoint_dir)
-    local = build_local(full, mesh, cfg)
-    params = local.params  # original full-model name -> this rank's (possibly sharded) parameter
     full_shapes = {n: tuple(p.shape) for n, p in full.named_parameters()}
+    local = build_local(full, mesh, cfg)  # shards `full` in place
+    params = local.params  # original full-model name -> this rank's (possibly sharded) parameter
     del full
     if cfg.zero1:
         opt = ZeroAdamW(params, mesh.group("dp"), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -187,10 +203,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
 
     if resume_from is not None:
         start_step = _load(resume_from, params, full_shapes, opt, mesh, owns)
-    comm = {"dp": 0}
-    sync = GradSync(
-        params.values(), mesh.group("dp"), on_bytes=lambda n: comm.__setitem__("dp", comm["dp"] + n)
-    )
+    sync = GradSync(params.values(), mesh.group("dp"))
     out = _open_metrics(cfg.metrics_out, start_step) if rank0 and cfg.metrics_out else None
     history: list[dict] = []
     local_batch = cfg.batch_size // cfg.dp
@@ -205,8 +218,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                 rows = slice(mesh.dp_rank * local_batch, (mesh.dp_rank + 1) * local_batch)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, step)
-                comm["dp"] = 0
-                local.reset_comm()
+                comm.stats.reset()
                 t0 = time.perf_counter()
                 sync.prepare(accumulations=cfg.num_microbatches)
                 loss = local.step(x[rows], y[rows])
@@ -225,8 +237,8 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                     "step_time_s": dt,
                     "lr": lr_at(cfg, step),
                     "grad_norm": norm,
-                    "bubble_fraction": timeline.bubble_fraction() if timeline else 0.0,
-                    "comm_bytes": {"dp": comm["dp"], **local.comm_bytes()},
+                    "comm_bytes": {a: comm.stats.bytes(axis=a) for a in ("dp", "pp", "tp")},
+                    "busy": _busy(timeline),
                     "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                 }
                 record = _gather_record(record, mesh)
@@ -275,23 +287,37 @@ def _mean_over(loss: float, group) -> float:
     return t.item() / dist.get_world_size(group)
 
 
+def _busy(timeline: Timeline | None) -> tuple[float, float, float]:
+    """(compute seconds, first start, last end) of this rank's step timeline."""
+    if not timeline or not timeline.events:
+        return (0.0, 0.0, 0.0)
+    return (sum(timeline.busy(r) for r in range(timeline.num_ranks)), timeline.start, timeline.end)
+
+
 def _gather_record(record: dict, mesh: Mesh) -> dict:
-    """Rank 0's record, with per-rank peak memory and communication summed over ranks."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        record["peak_rss_mb_per_rank"] = [record.pop("peak_rss_mb")]
-        return record
-    parts: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(
-        parts,
-        {"rss": record["peak_rss_mb"], "comm": record["comm_bytes"], "time": record["step_time_s"]},
-    )
-    record.pop("peak_rss_mb")
-    record["peak_rss_mb_per_rank"] = [p["rss"] for p in parts]
-    record["comm_bytes"] = {
-        k: sum(p["comm"].get(k, 0) for p in parts)
-        for k in sorted({k for p in parts for k in p["comm"]})
+    """Rank 0's record completed with every rank's figures.
+
+    Communication bytes are summed over ranks (per mesh axis), memory is listed per rank, the step
+    time is the slowest rank's, and the bubble fraction is the share of rank-time not spent
+    computing over the span of the step on all ranks.
+    """
+    mine = {
+        "rss": record.pop("peak_rss_mb"),
+        "comm": record["comm_bytes"],
+        "time": record["step_time_s"],
+        "busy": record.pop("busy"),
     }
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(parts, mine)
+    else:
+        parts = [mine]
+    record["peak_rss_mb_per_rank"] = [p["rss"] for p in parts]
+    record["comm_bytes"] = {k: sum(p["comm"][k] for p in parts) for k in mine["comm"]}
     record["step_time_s"] = max(p["time"] for p in parts)  # the step ends when the slowest does
+    busy = sum(p["busy"][0] for p in parts)
+    span = max(p["busy"][2] for p in parts) - min(p["busy"][1] for p in parts)
+    record["bubble_fraction"] = 1.0 - busy / (len(parts) * span) if span > 0 else 0.0
     return record
 
 

@@ -3,8 +3,14 @@
 :func:`build_local` takes the full reference model (built from the seed, identical on every rank)
 and returns a :class:`LocalModel`: the parameters this rank owns, keyed by their names in the full
 model (checkpoints and clipping use these), and ``step(x, y)``, which runs forward and backward
-over the micro-batches of this replica's batch and returns its mean loss. With ``pp > 1`` the step
-is a pipeline schedule; with ``tp > 1`` the layers are sharded over the tensor group.
+over the micro-batches of this replica's batch and returns its mean loss.
+
+- ``pp == 1``: the whole model, with gradient accumulation over the micro-batches.
+- ``pp > 1``: the model cut into ``pp * virtual`` stages (:func:`plait.pipeline.partition`); this
+  rank keeps the stages the schedule places on it and runs them with
+  :class:`plait.pipeline.PipelineRuntime`.
+- ``tp > 1``: whatever this rank keeps is sharded over its tensor group
+  (:func:`plait.tensor.parallelize`), and the loss is the vocabulary-parallel cross-entropy.
 """
 
 from __future__ import annotations
@@ -18,60 +24,54 @@ from plait.mesh import Mesh
 from plait.models import ModelConfig, Transformer
 from plait.trace import Event, Timeline
 
-__all__ = ["LocalModel", "build_local", "validate_parallel", "split_microbatches"]
-
-
-def split_microbatches(n: int, m: int) -> list[int]:
-    """Sizes of ``m`` micro-batches of ``n`` rows: as even as possible, larger ones first."""
-    if not 1 <= m <= n:
-        raise ValueError(f"cannot split {n} rows into {m} micro-batches (need 1 <= m <= {n})")
-    return [n // m + (1 if i < n % m else 0) for i in range(m)]
+__all__ = ["LocalModel", "build_local", "validate_parallel"]
 
 
 def validate_parallel(cfg, mcfg: ModelConfig) -> None:
     """Check the tensor and pipeline settings against the model before any process starts."""
+    if cfg.pp == 1 and cfg.tp == 1:
+        return
+    model = Transformer(mcfg, seed=0)
     if cfg.tp > 1:
-        from plait.tensor import check_divisible
+        from plait.tensor import validate
 
-        check_divisible(mcfg, cfg.tp, sequence_parallel=cfg.sequence_parallel, seq_len=cfg.seq_len)
-    if cfg.pp > 1 or cfg.virtual > 1:
-        from plait.pipeline import check_config
+        validate(model, cfg.tp, sequence_parallel=cfg.sequence_parallel, seq_len=cfg.seq_len)
+    if cfg.pp > 1:
+        from plait.pipeline import build_schedule, partition
+        from plait.pipeline import validate as validate_schedule
 
-        check_config(mcfg, cfg.pp, cfg.schedule, cfg.num_microbatches, cfg.virtual)
+        schedule = build_schedule(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.num_virtual)
+        validate_schedule(schedule)
+        partition(model, schedule.num_stages, cfg.balance)
 
 
 class LocalModel:
-    """This rank's share of the model and its step; see :func:`build_local`."""
+    """This rank's share of the model and how it runs a step (see :func:`build_local`)."""
 
     params: dict[str, nn.Parameter]
-    timeline: Timeline | None
+    timeline: Timeline | None = None
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """Forward and backward over this replica's batch; returns its mean loss."""
         raise NotImplementedError
-
-    def reset_comm(self) -> None:
-        pass
-
-    def comm_bytes(self) -> dict[str, int]:
-        return {}
 
 
 class WholeModel(LocalModel):
-    """No pipeline: the whole model (tensor-sharded when tp > 1), gradient accumulation over m."""
+    """No pipeline: the whole model (tensor-sharded when tp > 1), accumulating over micro-batches."""
 
-    def __init__(self, model: nn.Module, num_microbatches: int, loss_fn, comm=None):
+    def __init__(self, model: nn.Module, num_microbatches: int, loss_fn):
+        from plait.pipeline import split_batch
+
         self.model = model
         self.m = num_microbatches
         self.loss_fn = loss_fn
+        self.split = split_batch
         self.params = dict(model.named_parameters())
-        self.timeline = None
-        self.comm = comm
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         tl = Timeline(1)
-        total = 0.0
-        start = 0
-        for i, n in enumerate(split_microbatches(x.shape[0], self.m)):
+        total, start = 0.0, 0
+        for i, n in enumerate(self.split(x.shape[0], self.m)):
             xs, ys = x[start : start + n], y[start : start + n]
             start += n
             t0 = time.perf_counter()
@@ -85,23 +85,51 @@ class WholeModel(LocalModel):
         self.timeline = tl
         return total
 
-    def reset_comm(self) -> None:
-        if self.comm is not None:
-            self.comm.reset()
 
-    def comm_bytes(self) -> dict[str, int]:
-        return {"tp": self.comm.total_bytes()} if self.comm is not None else {}
+class PipelinePart(LocalModel):
+    """This rank's pipeline stages, run by the schedule."""
+
+    def __init__(self, runtime, stages: dict[int, nn.Module]):
+        self.runtime = runtime
+        self.params = {}
+        for stage in stages.values():
+            self.params.update(dict(stage.named_parameters()))
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        loss = self.runtime.train_step(x, y)
+        self.timeline = self.runtime.timeline
+        return loss
+
+
+def _loss_for(module: nn.Module, tp: int):
+    if tp == 1:
+        return Transformer.loss
+    from plait.tensor import loss_fn
+
+    return loss_fn(module)
 
 
 def build_local(full: Transformer, mesh: Mesh, cfg) -> LocalModel:
-    """This rank's :class:`LocalModel` for the mesh and config."""
+    """This rank's :class:`LocalModel` for the mesh and config (shards ``full`` in place)."""
+    tp = mesh.size("tp")
+    if tp > 1:
+        from plait.tensor import parallelize
     if mesh.size("pp") == 1:
-        loss_fn = Transformer.loss
-        comm = None
-        if mesh.size("tp") > 1:
-            from plait.tensor import parallelize
-
+        if tp > 1:
             parallelize(full, mesh, sequence_parallel=cfg.sequence_parallel)
-            raise NotImplementedError("tensor parallel loss wiring")
-        return WholeModel(full, cfg.num_microbatches, loss_fn, comm)
-    raise NotImplementedError("pipeline wiring")
+        return WholeModel(full, cfg.num_microbatches, _loss_for(full, tp))
+
+    from plait.pipeline import PipelineRuntime, build_schedule, partition
+
+    schedule = build_schedule(cfg.schedule, mesh.size("pp"), cfg.num_microbatches, cfg.num_virtual)
+    all_stages = partition(full, schedule.num_stages, cfg.balance)
+    stages = {s: all_stages[s] for s in schedule.stages_of(mesh.pp_rank)}
+    if tp > 1:
+        for stage in stages.values():
+            parallelize(stage, mesh, sequence_parallel=cfg.sequence_parallel)
+    last = schedule.num_stages - 1
+    loss_fn = _loss_for(stages[last], tp) if last in stages else None
+    runtime = PipelineRuntime(
+        stages, schedule, mesh, loss_fn, checkpoint=cfg.activation_checkpointing
+    )
+    return PipelinePart(runtime, stages)
