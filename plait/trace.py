@@ -188,7 +188,9 @@ class Timeline:
         kinds = [k for k in KIND_COLOURS if k in present] + sorted(present - set(KIND_COLOURS))
         ax.legend(
             handles=[Patch(color=KIND_COLOURS.get(k, "#999999"), label=k) for k in kinds],
-            loc="upper right",
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.1 - 0.3 / self.num_ranks),
+            frameon=False,
             fontsize=7,
             ncol=min(len(kinds), 8),
         )

@@ -170,3 +170,31 @@ def test_bad_mesh_settings_are_named(corpus):
         train(cfg(corpus, pp=4))
     with pytest.raises(ValueError, match="unknown schedule 'fast'"):
         train(cfg(corpus, pp=2, schedule="fast"))
+
+
+@pytest.mark.slow
+def test_trace_and_timeline_png_have_one_track_per_rank(corpus, tmp_path):
+    import json
+
+    trace, png = tmp_path / "t.json", tmp_path / "t.png"
+    train(
+        cfg(
+            corpus, steps=2, pp=2, tp=2, microbatches=4, trace_out=str(trace), timeline_png=str(png)
+        )
+    )
+    data = json.loads(trace.read_text())
+    spans = [e for e in data["traceEvents"] if e["ph"] == "X"]
+    names = {e["pid"]: e["args"]["name"] for e in data["traceEvents"] if e["ph"] == "M"}
+    assert names == {r: f"rank {r}" for r in range(4)}
+    assert {e["pid"] for e in spans} == {0, 1, 2, 3}
+    for e in spans:
+        assert (
+            e["dur"] >= 0
+            and e["ts"] >= 0
+            and e["cat"] in {"F", "B", "W", "BW", "SEND_ACT", "RECV_ACT", "SEND_GRAD", "RECV_GRAD"}
+        )
+    # every rank ran a forward and a backward of each of the 4 micro-batches
+    for r in range(4):
+        fwd = sorted(e["args"]["microbatch"] for e in spans if e["pid"] == r and e["cat"] == "F")
+        assert fwd == [0, 1, 2, 3]
+    assert png.read_bytes()[:4] == b"\x89PNG"

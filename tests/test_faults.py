@@ -1,0 +1,121 @@
+"""A worker SIGKILLed mid-run takes the job down promptly; --resume finishes the run exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BOUND_S = 60.0
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)  # polling an external process's progress, not synchronising our own
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def train_cmd(corpus, metrics, ck, *extra):
+    return [
+        sys.executable,
+        "-m",
+        "plait.cli",
+        "train",
+        "--model",
+        "tiny",
+        "--steps",
+        "16",
+        "--batch-size",
+        "8",
+        "--seq-len",
+        "32",
+        "--data",
+        corpus,
+        "--dp",
+        "2",
+        "--pp",
+        "2",
+        "--metrics-out",
+        str(metrics),
+        "--checkpoint-dir",
+        str(ck),
+        "--checkpoint-every",
+        "4",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def steps_done(metrics: Path) -> int:
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+@pytest.mark.slow
+def test_sigkill_one_of_four_workers_then_resume(tmp_path):
+    from plait.data import stdlib_corpus
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes(stdlib_corpus(max_bytes=300_000))
+    corpus = str(corpus)
+
+    ref_metrics = tmp_path / "ref.jsonl"
+    subprocess.run(
+        train_cmd(corpus, ref_metrics, tmp_path / "ref-ck"),
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    reference = [json.loads(line)["loss"] for line in ref_metrics.read_text().splitlines()]
+
+    metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
+    job = subprocess.Popen(
+        train_cmd(corpus, metrics, ck), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_for(lambda: steps_done(metrics) >= 6, 120, "six steps")
+        # The workers are the launcher's grandchildren (forked by its forkserver).
+        workers = wait_for(
+            lambda: [w for c in children(job.pid) for w in children(c)], 10, "the workers"
+        )
+        victim = workers[-1]
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = job.communicate(timeout=BOUND_S + 30)
+        elapsed = time.monotonic() - t0
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode != 0
+    assert elapsed < BOUND_S, elapsed
+    assert "worker rank" in err and "SIGKILL" in err, err
+    assert all(not Path(f"/proc/{p}").exists() for p in workers)
+    killed_at = steps_done(metrics)
+    assert killed_at < 16
+
+    subprocess.run(
+        train_cmd(corpus, metrics, ck, "--resume"), check=True, capture_output=True, timeout=300
+    )
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    resumed = {r["step"]: r["loss"] for r in rows}
+    assert resumed[15] == reference[15]  # the final loss equals the uninterrupted run's
+    assert [resumed[s] for s in range(16)] == reference
