@@ -17,6 +17,16 @@ from plait.pipeline import PipelineRuntime, Stage, build_schedule, partition, sp
 RTOL = 1e-9
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny float64 models: extra intra-op threads only contend on a loaded 2-core machine
+    # (measured 60x slower with 2 threads under load).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def assert_close_grads(got: dict, want: dict) -> None:
     assert set(got) == set(want), sorted(set(want) ^ set(got))
     for name, g in got.items():

@@ -124,6 +124,9 @@ class _Step:
     wgrads: dict = field(default_factory=dict)  # Linear (module, input, output grad) for W
     outputs: dict = field(default_factory=dict)  # last-stage outputs (inference)
     loss: torch.Tensor | None = None
+    losses_left: int = 0  # last-stage forwards still to run before the loss is complete
+    loss_buf: torch.Tensor | None = None  # the step's loss, shared with every pp rank
+    loss_work: object = None  # its broadcast, in flight while the backward runs
 
 
 class PipelineRuntime:
@@ -253,14 +256,24 @@ class PipelineRuntime:
             targets_mb,
             [n / inputs.shape[0] for n in sizes],
             [(tuple(x.shape), x.dtype) for x in inputs_mb],
+            losses_left=len(sizes),
         )
+        if self.pp_rank != last_rank:
+            # Every pp rank reports the loss. The broadcast is posted now and completes in the
+            # background once the last stage has its loss (after its last forward), so it costs
+            # no extra round trip at the end of the step.
+            step.loss_buf = torch.zeros(1, dtype=torch.float64)
+            step.loss_work = self._broadcast_loss(step.loss_buf, last_rank)
         self._run(self._train_plan, step)
-        loss = step.loss if step.loss is not None else torch.zeros((), dtype=torch.float64)
-        loss = loss.detach().to(torch.float64).reshape(1).clone()
-        if self.mesh.size("pp") > 1:
-            src = self.mesh.pp_peer(last_rank)
-            dist.broadcast(loss, src=src, group=self.mesh.group("pp"))
-        return float(loss.item())
+        if step.loss_work is not None:
+            step.loss_work.wait()
+        return float(step.loss_buf.item())
+
+    def _broadcast_loss(self, buf: torch.Tensor, last_rank: int):
+        if self.mesh.size("pp") == 1:
+            return None
+        src = self.mesh.pp_peer(last_rank)
+        return dist.broadcast(buf, src=src, group=self.mesh.group("pp"), async_op=True)
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> torch.Tensor | None:
@@ -376,6 +389,12 @@ class PipelineRuntime:
                 loss = self.loss_fn(y, step.targets[i]) * step.scales[i]
                 step.saved[(s, i)] = (x, loss)
                 step.loss = loss.detach() if step.loss is None else step.loss + loss.detach()
+                step.losses_left -= 1
+                if step.losses_left == 0:
+                    step.loss_buf = step.loss.to(torch.float64).reshape(1).clone()
+                    step.loss_work = self._broadcast_loss(
+                        step.loss_buf, self.schedule.stage_to_rank[-1]
+                    )
             else:
                 step.outputs[i] = y
             return
