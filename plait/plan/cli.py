@@ -1,0 +1,274 @@
+"""``plait plan`` and ``plait simulate``: the planner's command line.
+
+Registered by :func:`plait.cli.build_parser` through :func:`add_plan_parser` and
+:func:`add_simulate_parser`.
+
+Example::
+
+    plait plan --model llama3-70b --hardware h100-sxm --gpus 64 --global-batch 512 --seq-len 8192
+    plait plan --model gpt3-175b --hardware a100-80gb --gpus 1024 --global-batch 1536 \\
+        --dp 16 --tp 8 --pp 8 --microbatch-size 1 --schedule interleaved-1f1b --json
+    plait simulate --schedule zb-h1 --stages 4 --microbatches 8 --png zb.png
+"""
+
+from __future__ import annotations
+
+import json
+
+__all__ = ["add_plan_parser", "add_simulate_parser"]
+
+
+def add_plan_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="which mix of data, tensor and pipeline parallelism to use (predicted)",
+        description="Search dp x tp x pp, schedules, micro-batching, recomputation and sequence "
+        "parallelism for a model on some hardware; print the best candidates and a verdict.",
+    )
+    p.add_argument("--model", default=None, help="model preset (e.g. llama3-70b, gpt3-175b, small)")
+    for flag in ("--layers", "--hidden", "--heads", "--kv-heads", "--ffn", "--vocab"):
+        p.add_argument(flag, type=int, default=None, help="custom model shape (instead of --model)")
+    p.add_argument(
+        "--hardware",
+        default="h100-sxm",
+        help="a100-40gb, a100-80gb, h100-sxm, h100-pcie, h200, local",
+    )
+    p.add_argument(
+        "--recalibrate", action="store_true", help="measure this machine again (--hardware local)"
+    )
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument(
+        "--global-batch", type=int, default=None, help="sequences per step (default 8 per GPU)"
+    )
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's")
+    p.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default bf16; fp32 on local)")
+    p.add_argument("--dp", type=int, default=None)
+    p.add_argument("--tp", type=int, default=None)
+    p.add_argument("--pp", type=int, default=None)
+    p.add_argument("--microbatch-size", type=int, default=None)
+    p.add_argument(
+        "--schedule", default=None, help="none, gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-v"
+    )
+    p.add_argument("--virtual", type=int, default=None, help="chunks per rank (interleaved-1f1b)")
+    p.add_argument("--recompute", default=None, choices=["none", "selective", "full"])
+    p.add_argument(
+        "--sp", dest="sp", action="store_true", default=None, help="sequence parallelism on"
+    )
+    p.add_argument("--no-sp", dest="sp", action="store_false", help="sequence parallelism off")
+    p.add_argument(
+        "--no-flash",
+        action="store_true",
+        help="attention keeps its seq x seq matrices (pre-2022 kernels)",
+    )
+    p.add_argument("--top", type=int, default=8, help="rows of the table")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--png", default=None, help="draw the chosen configuration's simulated timeline")
+    p.add_argument("--trace", default=None, help="write its Perfetto (Chrome trace) JSON")
+    p.add_argument("--inference", action="store_true", help="compare serving layouts instead")
+    p.add_argument("--rate", type=float, default=1.0, help="requests per second (--inference)")
+    p.add_argument(
+        "--latency", type=float, default=30.0, help="seconds per request target (--inference)"
+    )
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--output-len", type=int, default=256)
+    p.set_defaults(func=_cmd_plan)
+
+
+def _model(args):
+    from plait.plan.model_spec import custom_model, get_model
+
+    shape = [args.layers, args.hidden, args.heads, args.vocab]
+    if args.model and any(v is not None for v in shape):
+        raise ValueError("give either --model or --layers/--hidden/--heads/--vocab, not both")
+    if args.model:
+        spec = get_model(args.model)
+    elif all(v is not None for v in shape):
+        spec = custom_model(
+            args.layers,
+            args.hidden,
+            args.heads,
+            args.vocab,
+            args.kv_heads,
+            args.ffn,
+            seq_len=args.seq_len or 2048,
+        )
+    else:
+        raise ValueError("--model NAME, or all of --layers --hidden --heads --vocab, is required")
+    if args.seq_len:
+        from dataclasses import replace
+
+        spec = replace(spec, seq_len=args.seq_len)
+    return spec
+
+
+def _given_config(args, model, hw, seq, dtype, flash):
+    from plait.plan.config import ParallelConfig
+    from plait.plan.evaluate import evaluate
+
+    dp, tp, pp, mbs = args.dp, args.tp, args.pp, args.microbatch_size
+    if None in (dp, tp, pp, mbs):
+        raise ValueError(
+            "to evaluate one configuration give all of --dp --tp --pp --microbatch-size"
+        )
+    if dp * tp * pp != args.gpus:
+        raise ValueError(
+            f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp}, not --gpus {args.gpus}"
+        )
+    if args.global_batch % (dp * mbs):
+        raise ValueError(
+            f"--global-batch {args.global_batch} is not a multiple of dp x microbatch-size = {dp * mbs}"
+        )
+    m = args.global_batch // (dp * mbs)
+    sched = args.schedule or ("1f1b" if pp > 1 else "none")
+    v = args.virtual or (2 if sched in ("interleaved-1f1b", "interleaved", "zb-v") else 1)
+    sp = args.sp if args.sp is not None else tp > 1
+    rcs = [args.recompute] if args.recompute else ["none", "selective", "full"]
+    est = None
+    for rc in rcs:
+        cfg = ParallelConfig(dp, tp, pp, mbs, m, sched, v, rc, sp, dtype)
+        est = evaluate(model, hw, cfg, seq, simulate=True, flash_attention=flash)
+        if est.fits:
+            break
+    return est
+
+
+def _cmd_plan(args) -> int:
+    from plait.plan.hardware import get_hardware
+    from plait.plan.inference import plan_inference
+    from plait.plan.search import search
+    from plait.plan.verdict import explain, format_table
+
+    model = _model(args)
+    hw = get_hardware(args.hardware, refresh=args.recalibrate)
+    dtype = args.dtype or ("fp32" if args.hardware == "local" else "bf16")
+    seq = model.seq_len
+    flash = not args.no_flash
+    if args.inference:
+        res = plan_inference(
+            model, hw, args.gpus, args.rate, args.latency, args.prompt_len, args.output_len, dtype
+        )
+        if args.json:
+            print(
+                json.dumps(
+                    {"best": res.best.to_dict(), "options": [o.to_dict() for o in res.options]},
+                    indent=1,
+                )
+            )
+        else:
+            print(res.verdict())
+        return 0
+    if args.global_batch is None:
+        args.global_batch = 8 * args.gpus
+    res = search(
+        model,
+        hw,
+        args.gpus,
+        args.global_batch,
+        seq,
+        recompute=[args.recompute] if args.recompute else None,
+        sequence_parallel=args.sp,
+        dtype=dtype,
+        flash_attention=flash,
+        keep=max(args.top, 10),
+    )
+    given = any(v is not None for v in (args.dp, args.tp, args.pp, args.microbatch_size))
+    chosen = _given_config(args, model, hw, seq, dtype, flash) if given else res.best
+    if args.png or args.trace:
+        from plait.plan.evaluate import evaluate
+
+        if chosen.sim is None:
+            chosen = evaluate(model, hw, chosen.config, seq, simulate=True, flash_attention=flash)
+        if chosen.sim is None:
+            raise ValueError(
+                "this schedule is too large to simulate for a picture; try fewer micro-batches"
+            )
+        if args.png:
+            chosen.sim.timeline.draw(args.png, title=f"predicted: {chosen.config.label()}")
+        if args.trace:
+            chosen.sim.timeline.write_chrome_trace(args.trace)
+    if args.json:
+        out = chosen.to_dict()
+        out["model"] = model.name
+        out["hardware"] = hw.name
+        out["gpus"] = args.gpus
+        out["global_batch"] = args.global_batch
+        out["seq_len"] = seq
+        out["alternatives"] = [e.to_dict() for e in res.ranked]
+        print(json.dumps(out, indent=1))
+        return 0
+    print(
+        f"{model.name} ({model.num_parameters() / 1e9:.2f}B parameters) on {args.gpus} x {hw.name}, "
+        f"global batch {args.global_batch} x {seq} tokens; {res.considered} configurations costed, "
+        f"{res.rejected_memory} did not fit"
+    )
+    print(format_table(res, args.top))
+    if given:
+        c = chosen
+        print(
+            f"\nGiven {c.config.label()}: {c.step_time_s:.3f} s per step, {c.tflops_per_gpu:.0f} "
+            f"TFLOP/s per GPU (MFU {c.mfu:.0%}), bubble {c.bubble_fraction:.1%}, "
+            f"{c.memory_gb_per_gpu:.1f} GB per GPU{'' if c.fits else ' — DOES NOT FIT'}; "
+            f"the best found is {res.best.step_time_s / c.step_time_s:.2f}x its step time."
+        )
+    print()
+    print(explain(res))
+    return 0
+
+
+def add_simulate_parser(sub) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="simulate a pipeline schedule and draw its timeline",
+        description="Run a schedule through the discrete-event simulator with uniform costs "
+        "(F, B, W in seconds) and report step time, bubble and micro-batches in flight.",
+    )
+    p.add_argument("--schedule", required=True, help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-v")
+    p.add_argument("--stages", type=int, required=True, help="pipeline ranks p")
+    p.add_argument("--microbatches", type=int, required=True)
+    p.add_argument("--virtual", type=int, default=None)
+    p.add_argument("--f", type=float, default=1.0, help="forward time of a stage")
+    p.add_argument("--b", type=float, default=1.0, help="backward-for-inputs time")
+    p.add_argument("--w", type=float, default=1.0, help="backward-for-weights time")
+    p.add_argument("--comm", type=float, default=0.0, help="transfer time between stages")
+    p.add_argument("--png", default=None)
+    p.add_argument("--trace", default=None, help="Perfetto (Chrome trace) JSON")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_simulate)
+
+
+def _cmd_simulate(args) -> int:
+    from plait.pipeline.generators import build_schedule
+    from plait.plan.cost import UniformCosts
+    from plait.plan.simulator import simulate
+
+    sched = build_schedule(args.schedule, args.stages, args.microbatches, args.virtual)
+    v = sched.virtual
+    # A chunk of an interleaved or V schedule holds 1/v of the rank's layers.
+    res = simulate(sched, UniformCosts(args.f / v, args.b / v, args.w / v, args.comm))
+    p, m = args.stages, args.microbatches
+    out = {
+        "schedule": sched.name,
+        "stages": p,
+        "virtual": v,
+        "microbatches": m,
+        "step_time_s": res.pipeline_time,
+        "bubble_fraction": res.bubble_fraction,
+        "gpipe_1f1b_bubble_formula": (p - 1) / (m + p - 1),
+        "peak_in_flight": res.peak_in_flight,
+    }
+    if args.png:
+        res.timeline.draw(
+            args.png,
+            title=f"simulated {sched.name} p={p} m={m} v={v} — bubble {res.bubble_fraction:.1%}",
+        )
+    if args.trace:
+        res.timeline.write_chrome_trace(args.trace)
+    if args.json:
+        print(json.dumps(out, indent=1))
+    else:
+        print(
+            f"{sched.name}: p={p} v={v} m={m}: step {res.pipeline_time:.3f} s, bubble "
+            f"{res.bubble_fraction:.1%} ((p-1)/(m+p-1) = {(p - 1) / (m + p - 1):.1%}), "
+            f"peak micro-batches in flight per rank {[round(x, 2) for x in res.peak_in_flight]}"
+        )
+    return 0

@@ -1,0 +1,322 @@
+"""Seconds for each piece of a training step, for one model, machine and configuration.
+
+:class:`CostModel` answers the questions the simulator asks: how long does the forward
+(``F``), the backward for inputs (``B``), the backward for weights (``W``) of a stage take for one
+micro-batch on one device, and how long does an activation or gradient take to cross each stage
+boundary. It also costs the tensor-parallel collectives inside every layer (on the link the tensor
+group sits on), the data-parallel gradient all-reduce and the optimizer step.
+
+Compute time of a layer is the sum of its matrix multiplies (each at the rate the hardware reaches
+at that width), the attention core, the element-wise kernels (memory-bound: bytes over memory
+bandwidth) and a fixed cost per kernel. Where ranks sit comes from :class:`plait.mesh.MeshShape`
+(tensor ranks innermost): a group inside one node talks over the intra-node link, otherwise over
+the network.
+
+Example::
+
+    cm = CostModel(get_model("llama3-8b"), get_hardware("h100-sxm"), ParallelConfig(tp=8), seq=8192)
+    cm.compute("F", stage=0)       # seconds for one micro-batch's forward of stage 0
+    cm.dp_allreduce_time()
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from plait.mesh import MeshShape
+from plait.plan.config import ParallelConfig
+from plait.plan.hardware import DTYPE_BYTES, HardwareSpec, Link
+from plait.plan.model_spec import ModelSpec
+
+__all__ = ["CostModel", "UniformCosts", "split_layers"]
+
+# Element-wise traffic per layer as a multiple of the activation bytes a layer keeps: the forward
+# writes each kept tensor once and reads it about once more; the backward reads activations and
+# writes and reads gradients of the same size.
+_ELEMWISE_FWD = 2.0
+_ELEMWISE_BWD = 3.0
+# Kernels per layer: forward, backward for inputs, backward for weights.
+_KERNELS = {"F": 24, "B": 36, "W": 8}
+
+
+def split_layers(layers: int, stages: int) -> list[int]:
+    """Layers per stage, as even as possible; spare layers go to the middle stages first, since
+    the first stage also holds the embedding and the last the output head.
+
+    Example::
+
+        split_layers(10, 4)  # [2, 3, 3, 2]
+    """
+    if stages < 1 or stages > layers:
+        raise ValueError(f"cannot split {layers} layers into {stages} stages (need 1..{layers})")
+    base, extra = divmod(layers, stages)
+    counts = [base] * stages
+    order = list(range(1, stages - 1)) + [stages - 1, 0] if stages > 2 else list(range(stages))
+    for i in order[:extra]:
+        counts[i] += 1
+    return counts
+
+
+class CostModel:
+    """Costs of one configuration; see the module docstring.
+
+    Args:
+        model: the model spec.
+        hw: the hardware spec.
+        cfg: the parallel configuration.
+        seq: sequence length (default the model's).
+        flash_attention: fused attention that keeps no ``seq x seq`` matrices and skips the masked
+            half of causal attention (modern default); False for the 2021 Megatron-LM kernels.
+    """
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        hw: HardwareSpec,
+        cfg: ParallelConfig,
+        seq: int | None = None,
+        flash_attention: bool = True,
+    ):
+        self.model, self.hw, self.cfg = model, hw, cfg
+        self.seq = seq or model.seq_len
+        self.flash = flash_attention
+        if cfg.dtype not in DTYPE_BYTES:
+            raise ValueError(f"dtype {cfg.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
+        hw.flops(cfg.dtype)  # raises if the hardware has no figure for this dtype
+        self.dtype_bytes = DTYPE_BYTES[cfg.dtype]
+        self.mesh = MeshShape(dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
+        self.layers = split_layers(model.layers, cfg.num_stages)
+        # Stage s lives on pipeline rank stage_to_rank(s): round-robin (interleaved), or V-shape.
+        p = cfg.pp
+        if cfg.schedule == "zb-v":
+            self.stage_rank = [s if s < p else 2 * p - 1 - s for s in range(cfg.num_stages)]
+        else:
+            self.stage_rank = [s % p for s in range(cfg.num_stages)]
+        # Workers sharing too few CPU cores slow each other down.
+        self.slowdown = 1.0
+        if hw.shared_cores and cfg.gpus > hw.shared_cores:
+            self.slowdown = cfg.gpus / hw.shared_cores
+
+    # ------------------------------------------------------------------ links
+    @cached_property
+    def tp_link(self) -> Link:
+        return self.hw.group_link(self.mesh.group_ranks("tp", 0))
+
+    @cached_property
+    def dp_link(self) -> Link:
+        return self.hw.group_link(self.mesh.group_ranks("dp", 0))
+
+    def pp_link(self, src_stage: int, dst_stage: int) -> Link:
+        a = self.mesh.rank(pp=self.stage_rank[src_stage])
+        b = self.mesh.rank(pp=self.stage_rank[dst_stage])
+        return self.hw.link_between(a, b)
+
+    # ------------------------------------------------------------------ per layer
+    def _gemm_time(self, tokens: int) -> float:
+        m, t, hw, dt = self.model, self.cfg.tp, self.hw, self.cfg.dtype
+        h, f = m.hidden, m.ffn
+        kv = max(m.kv_dim / t, m.head_dim)  # fewer kv heads than ranks: each rank keeps one
+        gemms = [
+            (2 * tokens * h * h / t, h / t),  # q
+            (2 * tokens * h * 2 * kv, min(h, 2 * kv)),  # k, v
+            (2 * tokens * h * h / t, h / t),  # out projection
+            ((3 if m.gated_mlp else 2) * 2 * tokens * h * f / t, min(h, f / t)),  # MLP
+        ]
+        return sum(fl / hw.gemm_rate(dim, dt) for fl, dim in gemms)
+
+    def _attention_time(self, tokens: int) -> float:
+        flops = 4.0 * tokens * self.seq * self.model.hidden / self.cfg.tp
+        if self.flash:
+            flops /= 2  # causal: fused kernels skip the masked half
+        return flops / self.hw.attn_rate(self.cfg.dtype)
+
+    def _elementwise_bytes(self, b: int) -> float:
+        m = self.model
+        kept = m.activation_bytes_per_layer(
+            self.seq, b, self.cfg.tp, self.cfg.sp, "none", self.dtype_bytes
+        )
+        if self.flash:  # no seq x seq tensors in memory
+            kept -= self.dtype_bytes / 2 * 5 * m.heads * self.seq**2 * b / self.cfg.tp
+        return kept
+
+    def _tp_collectives(self, b: int) -> float:
+        """Two all-reduces of the layer's ``(b, s, h)`` output per pass (or, with sequence
+        parallelism, two all-gathers and two reduce-scatters: the same bytes on the wire)."""
+        t = self.cfg.tp
+        if t == 1:
+            return 0.0
+        nbytes = b * self.seq * self.model.hidden * self.dtype_bytes
+        if self.cfg.sp:
+            return 4 * self.tp_link.all_gather_time(nbytes, t)
+        return 2 * self.tp_link.all_reduce_time(nbytes, t)
+
+    @cached_property
+    def layer_times(self) -> dict[str, float]:
+        """Seconds of one layer for one micro-batch: ``F``, ``B``, ``W`` (recomputation in ``B``)."""
+        b = self.cfg.microbatch_size
+        tokens = b * self.seq
+        gemm = self._gemm_time(tokens)
+        attn = self._attention_time(tokens)
+        elem = self._elementwise_bytes(b) / self.hw.memory_bandwidth
+        ko = self.hw.kernel_overhead_s
+        comm = self._tp_collectives(b)
+        fwd_compute = gemm + attn + _ELEMWISE_FWD * elem + _KERNELS["F"] * ko
+        f = fwd_compute + comm
+        # Backward: the input-gradient matmuls equal the forward's; the attention core's backward
+        # costs twice its forward; all of it is input gradient.
+        bwd = gemm + 2 * attn + _ELEMWISE_BWD * elem + _KERNELS["B"] * ko + comm
+        w = gemm + _KERNELS["W"] * ko
+        if self.cfg.recompute == "full":
+            bwd += f
+        elif self.cfg.recompute == "selective":
+            bwd += attn + elem * 0.5  # the attention core and its softmax again
+        s = self.slowdown
+        return {"F": f * s, "B": bwd * s, "W": w * s, "comm_F": comm * s, "comm_B": comm * s}
+
+    # ------------------------------------------------------------------ per stage
+    def _head_times(self) -> dict[str, float]:
+        """Final norm, logits and loss on the last stage (vocabulary split over tensor ranks)."""
+        m, b, t = self.model, self.cfg.microbatch_size, self.cfg.tp
+        tokens = b * self.seq
+        gemm = (
+            2
+            * tokens
+            * m.hidden
+            * m.vocab
+            / t
+            / self.hw.gemm_rate(min(m.hidden, m.vocab / t), self.cfg.dtype)
+        )
+        elem = 3 * m.logits_bytes(self.seq, b, t) / self.hw.memory_bandwidth
+        return {"F": gemm + elem, "B": gemm + elem, "W": gemm}
+
+    def _embed_times(self) -> dict[str, float]:
+        m, b = self.model, self.cfg.microbatch_size
+        nbytes = b * self.seq * m.hidden * self.dtype_bytes
+        comm = self.tp_link.all_reduce_time(nbytes, self.cfg.tp)  # vocab-parallel embedding
+        elem = 3 * nbytes / self.hw.memory_bandwidth
+        return {"F": elem + comm, "B": elem, "W": elem}
+
+    @cached_property
+    def _stage_times(self) -> list[dict[str, float]]:
+        lt = self.layer_times
+        out = []
+        last = self.cfg.num_stages - 1
+        head, embed = self._head_times(), self._embed_times()
+        for s, n in enumerate(self.layers):
+            d = {k: n * lt[k] for k in ("F", "B", "W")}
+            if s == 0:
+                for k in d:
+                    d[k] += embed[k] * self.slowdown
+            if s == last:
+                for k in d:
+                    d[k] += head[k] * self.slowdown
+            d["BW"] = d["B"] + d["W"]
+            out.append(d)
+        return out
+
+    def compute(self, kind: str, stage: int, microbatch: int = 0) -> float:
+        """Seconds of compute action ``kind`` (F, B, W, BW) of ``stage`` for one micro-batch."""
+        return self._stage_times[stage][str(kind)]
+
+    def activation_bytes(self) -> float:
+        """Bytes one micro-batch keeps per layer on one device (what is held until backward)."""
+        return self.model.activation_bytes_per_layer(
+            self.seq,
+            self.cfg.microbatch_size,
+            self.cfg.tp,
+            self.cfg.sp,
+            self.cfg.recompute,
+            self.dtype_bytes,
+        ) - (
+            0
+            if not self.flash or self.cfg.recompute != "none"
+            else self.dtype_bytes
+            / 2
+            * 5
+            * self.model.heads
+            * self.seq**2
+            * self.cfg.microbatch_size
+            / self.cfg.tp
+        )
+
+    def stage_activation_bytes(self, stage: int) -> float:
+        return self.layers[stage] * self.activation_bytes()
+
+    def boundary_bytes(self) -> float:
+        """One activation (or gradient) crossing a stage boundary, per device. With tensor
+        parallelism each rank sends its 1/tp slice and the receivers all-gather it (Megatron's
+        scatter/gather), or the tensor is already sequence-sharded."""
+        b = self.cfg.microbatch_size
+        return b * self.seq * self.model.hidden * self.dtype_bytes / self.cfg.tp
+
+    def transfer(self, src_stage: int, dst_stage: int) -> float:
+        """Seconds for one activation or gradient from ``src_stage`` to ``dst_stage``."""
+        if self.stage_rank[src_stage] == self.stage_rank[dst_stage]:
+            return 0.0
+        t = self.pp_link(src_stage, dst_stage).p2p_time(self.boundary_bytes())
+        if self.cfg.tp > 1 and not self.cfg.sp:
+            t += self.tp_link.all_gather_time(self.boundary_bytes() * self.cfg.tp, self.cfg.tp)
+        return t
+
+    @property
+    def p2p_blocks_compute(self) -> bool:
+        return self.hw.p2p_blocks_compute
+
+    # ------------------------------------------------------------------ per device
+    def stage_params(self, stage: int) -> float:
+        """Parameters of ``stage`` on one tensor-parallel rank."""
+        m = self.model
+        n = self.layers[stage] * m.params_per_layer()
+        if stage == 0:
+            n += m.embedding_params()
+        if stage == self.cfg.num_stages - 1:
+            n += m.head_params()
+            if m.tied_embeddings and self.cfg.num_stages > 1:
+                n += m.vocab * m.hidden  # the last stage keeps its own copy of the tied matrix
+        return n / self.cfg.tp
+
+    def rank_params(self, rank: int) -> float:
+        return sum(self.stage_params(s) for s, r in enumerate(self.stage_rank) if r == rank)
+
+    def dp_allreduce_time(self, rank: int = 0) -> float:
+        """Gradient all-reduce over the data-parallel group of pipeline rank ``rank``."""
+        nbytes = self.rank_params(rank) * self.dtype_bytes
+        return self.dp_link.all_reduce_time(nbytes, self.cfg.dp) * (
+            self.slowdown if self.hw.shared_cores else 1.0
+        )
+
+    def optimizer_time(self, rank: int = 0) -> float:
+        return self.hw.optimizer_time(self.rank_params(rank)) * self.slowdown
+
+    def step_flops_per_gpu(self) -> float:
+        """Hardware FLOPs one device executes per step (recomputation included)."""
+        tokens = self.cfg.global_batch * self.seq
+        return self.model.flops_per_token(self.seq, self.cfg.recompute) * tokens / self.cfg.gpus
+
+    def model_flops_per_gpu(self) -> float:
+        tokens = self.cfg.global_batch * self.seq
+        return self.model.model_flops_per_token(self.seq) * tokens / self.cfg.gpus
+
+
+class UniformCosts:
+    """Every stage costs the same: for tests and ``plait simulate``.
+
+    Example::
+
+        UniformCosts(f=1.0, b=1.0, w=1.0, comm=0.0)  # F = B = W = 1 s, free transfers
+    """
+
+    p2p_blocks_compute = False
+
+    def __init__(self, f: float = 1.0, b: float = 1.0, w: float = 1.0, comm: float = 0.0):
+        self.times = {"F": f, "B": b, "W": w, "BW": b + w}
+        self.comm = comm
+
+    def compute(self, kind: str, stage: int, microbatch: int = 0) -> float:
+        return self.times[str(kind)]
+
+    def transfer(self, src_stage: int, dst_stage: int) -> float:
+        return self.comm
+
+    def stage_activation_bytes(self, stage: int) -> float:
+        return 1.0

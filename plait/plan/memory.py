@@ -1,0 +1,98 @@
+"""Memory per device: weights, gradients, optimizer states, activations in flight.
+
+Mixed-precision Adam keeps 16 bytes per parameter (16-bit weights and gradients, float32 master
+weights and two float32 moments; float32 training keeps 4 + 4 + 8, the same 16). Activations are
+the per-layer bytes of :meth:`ModelSpec.activation_bytes_per_layer` times the layers of each stage
+times the micro-batches in flight, counted as the schedule validator counts them (from a stage's
+forward until its last backward action). Full recomputation also needs one layer's complete
+activations while that layer is recomputed, and the last stage holds a micro-batch's logits.
+
+Example::
+
+    cm = CostModel(get_model("llama2-70b"), get_hardware("a100-80gb"), ParallelConfig(tp=8, pp=1))
+    memory_per_device(cm, in_flight=[1.0]).total / 1e9   # GB on the busiest device
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from plait.plan.cost import CostModel
+
+__all__ = ["MemoryBreakdown", "memory_per_device", "analytic_in_flight", "BYTES_PER_PARAM"]
+
+BYTES_PER_PARAM = 16
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes on the busiest device of one configuration."""
+
+    rank: int
+    weights_grads_optimizer: float
+    activations: float
+    transient: float
+
+    @property
+    def total(self) -> float:
+        return self.weights_grads_optimizer + self.activations + self.transient
+
+    def to_dict(self) -> dict:
+        gb = 1e9
+        return {
+            "rank": self.rank,
+            "weights_grads_optimizer_gb": self.weights_grads_optimizer / gb,
+            "activations_gb": self.activations / gb,
+            "transient_gb": self.transient / gb,
+            "total_gb": self.total / gb,
+        }
+
+
+def analytic_in_flight(schedule: str, p: int, m: int, v: int = 1) -> list[float]:
+    """Peak micro-batches in flight per pipeline rank (in whole-stage units), by formula.
+
+    Matches what the validator counts for the generators: GPipe holds all ``m``; 1F1B and ZB-H1
+    hold ``min(p - r, m)`` and ``min(p, m)``; interleaved 1F1B holds Megatron's warm-up
+    ``2 (p - r - 1) + (v - 1) p + 1`` chunks of ``1/v`` stage each; ZB-V holds up to ``2p``
+    half-stage chunks.
+
+    Example::
+
+        analytic_in_flight("1f1b", 4, 8)  # [4, 3, 2, 1]
+    """
+    if schedule == "none":
+        return [1.0]
+    if schedule == "gpipe":
+        return [float(m)] * p
+    if schedule == "1f1b":
+        return [float(min(p - r, m)) for r in range(p)]
+    if schedule == "zb-h1":
+        return [float(min(p, m))] * p
+    if schedule == "interleaved-1f1b":
+        return [min(2 * (p - r - 1) + (v - 1) * p + 1, m * v) / v for r in range(p)]
+    if schedule == "zb-v":
+        return [min(2 * p, 2 * m) / 2] * p
+    raise ValueError(f"unknown schedule {schedule!r}")
+
+
+def memory_per_device(cm: CostModel, in_flight: list[float]) -> MemoryBreakdown:
+    """The busiest pipeline rank's memory, given micro-batches in flight per rank."""
+    cfg, m = cm.cfg, cm.model
+    b = cfg.microbatch_size
+    best: MemoryBreakdown | None = None
+    last = cfg.num_stages - 1
+    for r in range(cfg.pp):
+        stages = [s for s, rr in enumerate(cm.stage_rank) if rr == r]
+        static = cm.rank_params(r) * BYTES_PER_PARAM
+        layers = sum(cm.layers[s] for s in stages) / len(stages)  # per chunk, on average
+        acts = in_flight[r] * len(stages) * layers * cm.activation_bytes()
+        transient = 0.0
+        if cfg.recompute == "full":
+            transient += m.working_bytes_per_layer(cm.seq, b, cfg.tp, cfg.sp, cm.dtype_bytes)
+        if last in stages:
+            transient += m.logits_bytes(cm.seq, b, cfg.tp)
+        mb = MemoryBreakdown(r, static, acts, transient)
+        if best is None or mb.total > best.total:
+            best = mb
+    assert best is not None
+    return best

@@ -1,0 +1,200 @@
+"""Search the configurations of a training job and rank them by time per step.
+
+The space: every ``dp x tp x pp`` that multiplies to the GPU count (tensor ranks dividing the
+attention heads, pipeline stages no more than layers), micro-batch sizes that divide each
+replica's share of the global batch, the schedules (1F1B, interleaved 1F1B with 2, 4 or 8 chunks,
+ZB-H1, ZB-V; GPipe only when asked, since it has 1F1B's bubble with more memory), recomputation
+and sequence parallelism. For each shape the cheapest recomputation that fits memory is kept
+(none is fastest, then selective, then full). Every candidate is costed by formula; the best few
+are then simulated on the real schedule and re-ranked.
+
+Example::
+
+    res = search(get_model("llama3-70b"), get_hardware("h100-sxm"), gpus=64, global_batch=512)
+    res.best.config.label(), res.best.step_time_s
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from plait.plan.config import ParallelConfig, normalise_schedule
+from plait.plan.evaluate import Estimate, evaluate
+from plait.plan.hardware import HardwareSpec
+from plait.plan.model_spec import RECOMPUTE, ModelSpec
+
+__all__ = ["SearchResult", "search", "strategy_of", "STRATEGIES"]
+
+STRATEGIES = ("data", "tensor", "pipeline", "tensor+pipeline")
+
+
+def strategy_of(cfg: ParallelConfig) -> str:
+    """Which family a configuration belongs to (data parallel is always combined)."""
+    if cfg.tp > 1 and cfg.pp > 1:
+        return "tensor+pipeline"
+    if cfg.tp > 1:
+        return "tensor"
+    if cfg.pp > 1:
+        return "pipeline"
+    return "data"
+
+
+@dataclass
+class SearchResult:
+    """Ranked estimates, best first, plus the best of each strategy family (even if it does not
+    fit, so the verdict can say why not)."""
+
+    ranked: list[Estimate]
+    by_strategy: dict[str, Estimate]
+    considered: int
+    rejected_memory: int
+    model: ModelSpec
+    hw: HardwareSpec
+    gpus: int
+    global_batch: int
+    seq: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def best(self) -> Estimate:
+        if not self.ranked:
+            raise ValueError(
+                f"no configuration of {self.model.name} fits {self.gpus} x {self.hw.name} "
+                f"({self.hw.usable_memory / 1e9:.0f} GB usable each) with global batch "
+                f"{self.global_batch}; try more GPUs or a smaller global batch"
+            )
+        return self.ranked[0]
+
+
+def _divisors(n: int) -> list[int]:
+    small = [d for d in range(1, int(math.isqrt(n)) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def search(
+    model: ModelSpec,
+    hw: HardwareSpec,
+    gpus: int,
+    global_batch: int,
+    seq: int | None = None,
+    schedules: list[str] | None = None,
+    recompute: list[str] | None = None,
+    sequence_parallel: bool | None = None,
+    dtype: str = "bf16",
+    flash_attention: bool = True,
+    simulate_top: int = 6,
+    keep: int = 10,
+    max_microbatch: int = 16,
+) -> SearchResult:
+    """Rank configurations of ``gpus`` devices for a step of ``global_batch`` sequences.
+
+    Args:
+        schedules: restrict the pipeline schedules (default all but GPipe).
+        recompute: restrict recomputation choices (default all three).
+        sequence_parallel: force it on or off (default on whenever ``tp > 1``: it moves the same
+            bytes and shards more activations).
+        simulate_top: how many of the best by formula are simulated on the real schedule.
+        keep: how many ranked alternatives to return.
+    """
+    if not isinstance(gpus, int) or gpus < 1:
+        raise ValueError(f"--gpus must be a positive integer, got {gpus!r}")
+    if not isinstance(global_batch, int) or global_batch < 1:
+        raise ValueError(f"--global-batch must be a positive integer, got {global_batch!r}")
+    seq = seq or model.seq_len
+    scheds = [
+        normalise_schedule(s) for s in (schedules or ["1f1b", "interleaved-1f1b", "zb-h1", "zb-v"])
+    ]
+    rcs = recompute or list(RECOMPUTE)
+    for r in rcs:
+        if r not in RECOMPUTE:
+            raise ValueError(f"recompute {r!r} is not one of {list(RECOMPUTE)}")
+    rcs = [r for r in RECOMPUTE if r in rcs]  # fastest first
+    max_tp = min(model.heads, 2 * hw.devices_per_node)
+
+    fitting: list[Estimate] = []
+    by_strategy: dict[str, Estimate] = {}
+    considered = rejected = 0
+
+    def consider(est: Estimate) -> None:
+        fam = strategy_of(est.config)
+        cur = by_strategy.get(fam)
+        # Per family keep the fastest that fits, else the one that comes closest to fitting.
+        if cur is None or (est.fits, -est.step_time_s if est.fits else -est.memory.total) > (
+            cur.fits,
+            -cur.step_time_s if cur.fits else -cur.memory.total,
+        ):
+            by_strategy[fam] = est
+
+    for tp in _divisors(gpus):
+        if tp > max_tp or model.heads % tp:
+            continue
+        for pp in _divisors(gpus // tp):
+            if pp > model.layers:
+                continue
+            dp = gpus // (tp * pp)
+            if global_batch % dp:
+                continue
+            per_replica = global_batch // dp
+            sps = (
+                [sequence_parallel if sequence_parallel is not None else True]
+                if tp > 1
+                else [False]
+            )
+            for mbs in (1, 2, 4, 8, 16, 32, 64):
+                if mbs > max_microbatch or per_replica % mbs:
+                    continue
+                m = per_replica // mbs
+                for sched, v in _schedule_options(scheds, pp, m, model.layers):
+                    for sp in sps:
+                        last = None
+                        for rc in rcs:
+                            cfg = ParallelConfig(dp, tp, pp, mbs, m, sched, v, rc, sp, dtype)
+                            est = evaluate(
+                                model, hw, cfg, seq, simulate=False, flash_attention=flash_attention
+                            )
+                            considered += 1
+                            last = est
+                            if est.fits:
+                                fitting.append(est)
+                                break
+                        if last is not None:
+                            if not last.fits:
+                                rejected += 1
+                            consider(last)
+    fitting.sort(key=lambda e: e.step_time_s)
+    # Re-cost the leaders (and each family's best) on the real schedules.
+    leaders = fitting[:simulate_top]
+    for est in list(by_strategy.values()):
+        if est.fits and est not in leaders:
+            leaders.append(est)
+    resim = {}
+    for est in leaders:
+        resim[id(est)] = evaluate(
+            model, hw, est.config, seq, simulate=True, flash_attention=flash_attention
+        )
+    fitting = [resim.get(id(e), e) for e in fitting]
+    by_strategy = {k: resim.get(id(e), e) for k, e in by_strategy.items()}
+    head = sorted(fitting[: max(simulate_top, keep)], key=lambda e: e.step_time_s)
+    ranked = head[:keep]
+    return SearchResult(
+        ranked, by_strategy, considered, rejected, model, hw, gpus, global_batch, seq
+    )
+
+
+def _schedule_options(scheds: list[str], pp: int, m: int, layers: int):
+    if pp == 1:
+        yield "none", 1
+        return
+    for s in scheds:
+        if s == "interleaved-1f1b":
+            for v in (2, 4, 8):
+                # Megatron's interleaving needs m a multiple of p (our generator handles other m,
+                # but slowly); each chunk needs at least one layer.
+                if pp * v <= layers and m % pp == 0:
+                    yield s, v
+        elif s == "zb-v":
+            if 2 * pp <= layers:
+                yield s, 2
+        else:
+            yield s, 1

@@ -1,0 +1,116 @@
+"""The plain-language verdict: which mix, why, and why not the others.
+
+Example::
+
+    res = search(get_model("llama2-70b"), get_hardware("h100-sxm"), gpus=64, global_batch=512)
+    print(explain(res))
+"""
+
+from __future__ import annotations
+
+from plait.plan.evaluate import Estimate
+from plait.plan.search import SearchResult, strategy_of
+
+__all__ = ["explain", "format_table", "overheads"]
+
+_NAMES = {
+    "data": "data parallel only",
+    "tensor": "tensor parallel (with data parallel)",
+    "pipeline": "pipeline parallel (with data parallel)",
+    "tensor+pipeline": "tensor + pipeline parallel (with data parallel)",
+}
+
+
+def overheads(e: Estimate) -> dict[str, float]:
+    """Seconds of the step lost to each overhead (approximate shares of the step)."""
+    step = e.step_time_s
+    pipe = e.pipeline_time_s
+    return {
+        "pipeline bubble": e.bubble_fraction * pipe,
+        "tensor-parallel communication": e.tp_comm_share * (1 - e.bubble_fraction) * pipe,
+        "gradient all-reduce": e.dp_comm_s,
+        "optimizer step": e.optimizer_s,
+        "recomputation": (
+            0.25
+            if e.config.recompute == "full"
+            else 0.03
+            if e.config.recompute == "selective"
+            else 0.0
+        )
+        * (1 - e.bubble_fraction)
+        * pipe,
+        "_step": step,
+    }
+
+
+def _main_cost(e: Estimate) -> str:
+    o = overheads(e)
+    step = o.pop("_step")
+    name, sec = max(o.items(), key=lambda kv: kv[1])
+    return f"{name} {sec / step:.0%} of the step"
+
+
+def format_table(res: SearchResult, n: int = 8) -> str:
+    head = (
+        f"{'#':>2} {'dp':>4} {'tp':>3} {'pp':>3} {'schedule':<18} {'mb':>6} {'recomp':<9} "
+        f"{'step s':>8} {'TFLOP/s':>8} {'MFU':>5} {'bubble':>7} {'GB/GPU':>7}  how"
+    )
+    rows = [head]
+    for i, e in enumerate(res.ranked[:n], 1):
+        c = e.config
+        sched = c.schedule + (f" v{c.virtual}" if c.schedule == "interleaved-1f1b" else "")
+        rows.append(
+            f"{i:>2} {c.dp:>4} {c.tp:>3}{'s' if c.sp else ' '}{c.pp:>3} {sched:<18} "
+            f"{c.microbatch_size:>2}x{c.num_microbatches:<3} {c.recompute:<9} {e.step_time_s:>8.3f} "
+            f"{e.tflops_per_gpu:>8.1f} {e.mfu:>5.1%} {e.bubble_fraction:>7.1%} "
+            f"{e.memory_gb_per_gpu:>7.1f}  {e.method}"
+        )
+    return "\n".join(rows)
+
+
+def explain(res: SearchResult) -> str:
+    """Why the best configuration wins and why each other family loses, with numbers."""
+    b = res.best
+    c = b.config
+    hw = res.hw
+    fam = strategy_of(c)
+    lines = [
+        f"Verdict: {_NAMES[fam]} — {c.label()}",
+        f"  {b.step_time_s:.3f} s per step of {res.global_batch} x {res.seq} tokens, "
+        f"{b.tflops_per_gpu:.0f} TFLOP/s per GPU (MFU {b.mfu:.0%}), bubble {b.bubble_fraction:.1%}, "
+        f"{b.memory_gb_per_gpu:.1f} of {hw.usable_memory / 1e9:.0f} GB per GPU.",
+    ]
+    why = []
+    if c.tp > 1:
+        link = hw.group_link(list(range(c.tp))).name
+        where = "inside one node" if c.tp <= hw.devices_per_node else "across nodes"
+        why.append(
+            f"tensor parallel over {c.tp} GPUs {where} ({link}) costs {b.tp_comm_share:.0%} of "
+            f"compute time in collectives"
+        )
+    if c.pp > 1:
+        why.append(
+            f"{c.pp} pipeline stages with {c.num_microbatches} micro-batches ({c.schedule}) idle "
+            f"{b.bubble_fraction:.1%} of the time"
+        )
+    if c.dp > 1:
+        why.append(
+            f"{c.dp} data-parallel replicas spend {b.dp_comm_s:.3f} s on the gradient all-reduce"
+        )
+    if c.recompute != "none":
+        why.append(f"{c.recompute} recomputation is the cheapest that fits memory")
+    lines.append("  Why: " + "; ".join(why) + "." if why else "  Why: one device does it all.")
+    for name, e in res.by_strategy.items():
+        if name == fam:
+            continue
+        if not e.fits:
+            lines.append(
+                f"  Not {_NAMES[name]}: does not fit — needs {e.memory_gb_per_gpu:.0f} GB per GPU "
+                f"even at its best ({e.config.label()})."
+            )
+        else:
+            lines.append(
+                f"  Not {_NAMES[name]}: {e.step_time_s / b.step_time_s:.2f}x slower at its best "
+                f"({e.config.label()}); its main cost is {_main_cost(e)}."
+            )
+    return "\n".join(lines)
