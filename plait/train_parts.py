@@ -128,7 +128,8 @@ def build_local(full: Transformer, mesh: Mesh, cfg) -> LocalModel:
         for stage in stages.values():
             parallelize(stage, mesh, sequence_parallel=cfg.sequence_parallel)
     last = schedule.num_stages - 1
-    loss_fn = _loss_for(stages[last], tp) if last in stages else None
+    # Only the last stage's rank computes the loss; the others are given the plain one.
+    loss_fn = _loss_for(stages.get(last, full), tp if last in stages else 1)
     runtime = PipelineRuntime(
         stages, schedule, mesh, loss_fn, checkpoint=cfg.activation_checkpointing
     )
