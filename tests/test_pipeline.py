@@ -140,6 +140,8 @@ def test_runtime_refuses_a_mismatch_before_running():
     stages = partition(Transformer(W.CFG, seed=0), 2)
     with pytest.raises(ValueError, match="is for 2 pipeline ranks but the mesh has pp=1"):
         PipelineRuntime({0: stages[0]}, build_schedule("1f1b", 2, 4), None, Transformer.loss)
+    rt = PipelineRuntime.from_model(Transformer(W.CFG, seed=0), build_schedule("gpipe", 1, 2))
+    assert list(rt.stages) == [0] and rt.stages[0].is_first and rt.stages[0].is_last
     one = partition(Transformer(W.CFG, seed=0), 1)
     with pytest.raises(ValueError, match=r"runs stages \[0\] .* but was given stages \[1\]"):
         PipelineRuntime({1: one[0]}, build_schedule("1f1b", 1, 4), None, Transformer.loss)

@@ -8,9 +8,11 @@ order, which the validator has proved free of deadlock:
 - F, B, W, BW run the stage module (B and W split the backward, see below);
 - SEND_* post an ``isend`` and move on; sends are reaped as they complete and waited for at the
   end of the step, so compute never waits for a send;
-- RECV_* wait for an ``irecv`` that was posted ``prefetch`` compute actions earlier, so the
-  transfer overlaps the compute before it (receives from one rank are posted in list order, which
-  is the order gloo and NCCL match them in).
+- RECV_* wait for an ``irecv`` posted earlier: by default when the sender is expected to send
+  (from a unit-time run of the whole schedule), so the sender finds the receive ready and its
+  ``isend`` moves the data at once instead of waiting for the receiver (gloo moves data only when
+  both sides have posted). Receives from one rank are posted in list order, which is the order
+  gloo and NCCL match them in.
 
 Each action's start and end (``time.perf_counter``) is recorded: :attr:`PipelineRuntime.timeline`.
 
@@ -144,7 +146,8 @@ class PipelineRuntime:
         checkpoint: activation checkpointing: True for every stage here, or the stage indices.
         uneven: allow a batch that does not divide into the micro-batches (sizes then differ by
             one); False refuses it with an error.
-        prefetch: post each receive this many compute actions before it (0: at the receive).
+        prefetch: None (default) posts each receive when its sender is expected to send; an
+            integer k posts it k compute actions before the receive (0: at the receive).
 
     Example (on each of 2 workers)::
 
@@ -163,7 +166,7 @@ class PipelineRuntime:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         checkpoint: bool | Iterable[int] = False,
         uneven: bool = True,
-        prefetch: int = 1,
+        prefetch: int | None = None,
     ):
         self.mesh = mesh if mesh is not None else _WorldPipe()
         self.schedule = schedule
@@ -184,9 +187,6 @@ class PipelineRuntime:
         self.stages = dict(stages)
         self.loss_fn = loss_fn
         self.uneven = uneven
-        last = schedule.num_stages - 1
-        if loss_fn is None and last in self.stages and not schedule.is_forward_only:
-            raise ValueError("training needs loss_fn(outputs, targets) on the last stage's rank")
         if checkpoint is True:
             self.checkpointed = set(mine)
         elif checkpoint is False:
@@ -199,10 +199,8 @@ class PipelineRuntime:
                     f"not on pipeline rank {self.pp_rank} (its stages: {mine})"
                 )
         self.timeline = Timeline(schedule.num_ranks)
-        self._train_plan = _Plan(schedule.actions[self.pp_rank], prefetch, self._peer)
-        self._infer_plan = _Plan(
-            schedule.forward_only().actions[self.pp_rank], prefetch, self._peer
-        )
+        self._train_plan = _Plan(schedule, self.pp_rank, prefetch, self._peer)
+        self._infer_plan = _Plan(schedule.forward_only(), self.pp_rank, prefetch, self._peer)
         # Zero-bubble split: plain Linear layers have their weight gradient deferred to W.
         split = any(a.kind is Kind.W for a in schedule.actions[self.pp_rank])
         self._deferred: dict[int, list[nn.Linear]] = {}
@@ -230,6 +228,34 @@ class PipelineRuntime:
         self._sent_meta: dict[tuple, tuple] = {}  # headers sent, and what they said
         self._pending_sends: list = []
 
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        schedule: Schedule,
+        mesh=None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        balance: str | list[int] = "layers",
+        **kwargs,
+    ) -> PipelineRuntime:
+        """Partition ``model`` into ``schedule.num_stages`` stages and keep this rank's.
+
+        The stages share the model's parameters (same objects, same names); the other ranks'
+        stages are simply not used here. ``kwargs`` go to the constructor.
+
+        Example::
+
+            rt = PipelineRuntime.from_model(model, build_schedule("zb-h1", 2, 8), mesh,
+                                            Transformer.loss)
+            rt.stages  # {mesh.pp_rank: Stage(...)}
+        """
+        from plait.pipeline.partitioner import partition
+
+        stages = partition(model, schedule.num_stages, balance=balance)
+        pp_rank = (mesh if mesh is not None else _WorldPipe()).pp_rank
+        mine = {s: stages[s] for s in schedule.stages_of(pp_rank)}
+        return cls(mine, schedule, mesh, loss_fn, **kwargs)
+
     # -- public API ------------------------------------------------------------------------------
 
     def train_step(self, inputs: torch.Tensor, targets: torch.Tensor | None) -> float:
@@ -239,6 +265,14 @@ class PipelineRuntime:
         only the shape); ``targets`` are needed on the rank of the last stage. Gradients are
         accumulated into ``.grad`` of the parameters (zero them between steps as usual).
         """
+        if self.schedule.is_forward_only:
+            raise ValueError(
+                f"schedule {self.schedule.name!r} is forward-only; train_step needs a training "
+                f"schedule (forward() runs inference with any schedule)"
+            )
+        if self.loss_fn is None:
+            # checked on every rank, so that no rank starts a step the others refuse
+            raise ValueError("train_step needs loss_fn(outputs, targets); pass it on every rank")
         inputs_mb, sizes = self._split(inputs)
         last_rank = self.schedule.stage_to_rank[-1]
         targets_mb = None
@@ -536,25 +570,74 @@ class PipelineRuntime:
 class _Plan:
     """Precomputed per action list: each receive's source rank and when to post it."""
 
-    def __init__(self, actions: list[Action], prefetch: int, peer: Callable[[int], int]):
-        self.actions = actions
+    def __init__(
+        self, schedule: Schedule, rank: int, prefetch: int | None, peer: Callable[[int], int]
+    ):
+        self.actions = actions = schedule.actions[rank]
         self.source: dict[int, int] = {}  # receive index -> global rank it comes from
         self.post_at: dict[int, int] = {}  # receive index -> action index to post it before
         self.recvs_by_source: dict[int, list[int]] = {}
+        starts, sent = _unit_times(schedule) if prefetch is None else ({}, {})
         computes: list[int] = []
         for j, a in enumerate(actions):
             if a.is_compute:
                 computes.append(j)
-            elif a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
-                if prefetch <= 0:
-                    self.post_at[j] = j
-                elif len(computes) >= prefetch:
-                    self.post_at[j] = computes[-prefetch]
+                continue
+            if a.kind not in (Kind.RECV_ACT, Kind.RECV_GRAD):
+                continue
+            if prefetch is None:
+                # before my first compute that starts once the sender has sent, at the latest
+                # at the receive itself
+                t = sent[_matching(a)]
+                self.post_at[j] = next((c for c in computes if starts[(rank, c)] >= t), j)
+            elif prefetch <= 0:
+                self.post_at[j] = j
+            else:
+                self.post_at[j] = computes[-prefetch] if len(computes) >= prefetch else 0
+            src_stage = a.stage - 1 if a.kind is Kind.RECV_ACT else a.stage + 1
+            self.source[j] = peer(src_stage)
+            self.recvs_by_source.setdefault(self.source[j], []).append(j)
+
+
+def _matching(recv: Action) -> Action:
+    if recv.kind is Kind.RECV_ACT:
+        return Action(Kind.SEND_ACT, recv.stage - 1, recv.microbatch)
+    return Action(Kind.SEND_GRAD, recv.stage + 1, recv.microbatch)
+
+
+_UNIT = {Kind.F: 1.0, Kind.B: 1.0, Kind.W: 1.0, Kind.BW: 2.0}
+
+
+def _unit_times(schedule: Schedule) -> tuple[dict, dict]:
+    """Start time of every compute action ``(rank, index)`` and send time of every send.
+
+    Each rank runs its list in order with F = B = W = 1, BW = 2 and free messages; a receive
+    waits for its send. The schedule is valid, so this terminates.
+    """
+    acts = schedule.actions
+    clock = [0.0] * len(acts)
+    pc = [0] * len(acts)
+    starts: dict[tuple[int, int], float] = {}
+    sent: dict[Action, float] = {}
+    progress = True
+    while progress:
+        progress = False
+        for r, row in enumerate(acts):
+            while pc[r] < len(row):
+                a = row[pc[r]]
+                if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+                    t = sent.get(_matching(a))
+                    if t is None:
+                        break
+                    clock[r] = max(clock[r], t)
+                elif a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
+                    sent[a] = clock[r]
                 else:
-                    self.post_at[j] = 0
-                src_stage = a.stage - 1 if a.kind is Kind.RECV_ACT else a.stage + 1
-                self.source[j] = peer(src_stage)
-                self.recvs_by_source.setdefault(self.source[j], []).append(j)
+                    starts[(r, pc[r])] = clock[r]
+                    clock[r] += _UNIT[a.kind]
+                pc[r] += 1
+                progress = True
+    return starts, sent
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
