@@ -50,6 +50,53 @@ def score_cached(model_name: str, item) -> float:
     return score(cached(model_name), item)
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and every descendant, live or reaped (workers, forkserver,
+    Dask nannies, loky workers). On a shared machine this, unlike wall time, does not depend on
+    how busy the neighbours are: it is what each system spends to do the job.
+    """
+    import psutil
+
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me, *me.children(recursive=True)]:
+        try:
+            t = proc.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        # children_*: CPU of descendants already reaped by this process (e.g. by the forkserver).
+        total += t.user + t.system + t.children_user + t.children_system
+    return total
+
+
+def burn(n: int) -> int:
+    s = 0
+    for i in range(n):
+        s += i
+    return s
+
+
+def parallel_ceiling(workers: int, repeats: int = 5) -> float:
+    """What this machine lets ``workers`` processes gain at all, right now: pure-Python units
+    serially vs on a bare ``multiprocessing`` pool (no library involved). Shared machines (other
+    jobs, Linux autogroup fair-sharing by session) can cap this far below ``workers``.
+    """
+    import multiprocessing as mp
+
+    units = [2_000_000] * (2 * workers)
+    ratios = []
+    with mp.get_context("fork").Pool(workers) as pool:
+        pool.map(burn, [1] * workers)
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            [burn(u) for u in units]
+            serial = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            pool.map(burn, units, chunksize=1)
+            ratios.append(serial / (time.perf_counter() - t0))
+    return statistics.median(ratios)
+
+
 def run_single(model_name, items):
     torch.set_num_threads(1)
     model = build(model_name)
@@ -91,6 +138,7 @@ def main() -> None:
     import distributed
 
     items = [(i, args.batch, args.seq_len) for i in range(args.items)]
+    ceiling_before = parallel_ceiling(args.workers)
     cluster = distributed.LocalCluster(
         n_workers=args.workers,
         threads_per_worker=1,
@@ -116,14 +164,16 @@ def main() -> None:
             reference = reference or out
             assert max(abs(a - b) for a, b in zip(out, reference)) < 1e-5, name
         times: dict[str, list[float]] = {name: [] for name in systems}
+        cpu: dict[str, list[float]] = {name: [] for name in systems}
         names = list(systems)
         for r in range(args.rounds):
             # Rotate the order each round so no system always runs after the same neighbour.
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 fn = systems[name]
-                t0 = time.perf_counter()
+                c0, t0 = cpu_seconds(), time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
+                cpu[name].append(cpu_seconds() - c0)
             print(f"round {r}: " + "  ".join(f"{n} {t[-1]:.2f}s" for n, t in times.items()))
     finally:
         pool.close()
@@ -134,8 +184,14 @@ def main() -> None:
     for n, t in times.items():
         print(
             f"{n:10s} best {min(t):.2f}s median {statistics.median(t):.2f}s "
-            f"= {rate[n]:.1f} items/s (median)"
+            f"= {rate[n]:.1f} items/s (median); "
+            f"CPU {1000 * statistics.median(cpu[n]) / args.items:.1f} ms/item"
         )
+    ceiling = statistics.median([ceiling_before, parallel_ceiling(args.workers)])
+    print(
+        f"parallel ceiling of this machine now (bare multiprocessing, pure Python): "
+        f"{ceiling:.2f}x with {args.workers} workers; load average {os.getloadavg()[0]:.1f}"
+    )
     print(
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}; {args.items} items of "
         f"{args.model} forward on ({args.batch}, {args.seq_len}), {args.workers} workers"
