@@ -140,25 +140,66 @@ def _cmd_train(args) -> int:
 
 
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the guided tour (what `make demo` runs)")
-    p.add_argument("--steps", type=int, default=60)
+    p = sub.add_parser(
+        "demo",
+        help="the guided tour (what `make demo` runs)",
+        description="Calibrate this machine, print the verdict for the small "
+        "model, train the chosen configuration, and compare every strategy.",
+    )
+    p.add_argument("--out-dir", default="plait-out/demo")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--steps", type=int, default=40)
     p.set_defaults(func=_cmd_demo)
 
 
 def _cmd_demo(args) -> int:
-    from plait.train import TrainConfig, train
+    from plait.demo import run_demo
 
-    print(
-        "plait demo: training the 'tiny' reference transformer on this machine's Python "
-        "standard library source"
+    return run_demo(out_dir=args.out_dir, workers=args.workers, steps=args.steps)
+
+
+def _add_compare(sub) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="measure every strategy on this machine beside the plan",
+        description="Run the same model with each strategy the worker count "
+        "allows; print measured figures beside the planner's predictions.",
     )
-    history = train(TrainConfig(model="tiny", steps=args.steps))
-    n = max(1, len(history) // 6)
-    for rec in history[::n] + ([history[-1]] if (len(history) - 1) % n else []):
-        print(
-            f"  step {rec['step']:4d}  loss {rec['loss']:.4f}  {rec['tokens_per_s']:,.0f} tokens/s"
-        )
-    print(f"loss fell from {history[0]['loss']:.4f} to {history[-1]['loss']:.4f}")
+    p.add_argument("--model", default="small")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--mode", default="train", choices=["train", "infer"])
+    p.add_argument("--steps", type=int, default=8, help="training steps per strategy")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--schedule", default="1f1b", help="pipeline schedule for pipeline mixes")
+    p.add_argument(
+        "--sequences", type=int, default=64, help="sequences scored per strategy (infer)"
+    )
+    p.add_argument("--out-dir", default="plait-out/compare")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_compare)
+
+
+def _cmd_compare(args) -> int:
+    import json
+    from dataclasses import fields
+
+    from plait.compare import CompareConfig, compare
+
+    names = {f.name for f in fields(CompareConfig)}
+    report = compare(
+        CompareConfig(**{k: v for k, v in vars(args).items() if k in names}, progress=False)
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+        return 0
+    from rich.console import Console
+
+    Console(width=140).print(report.rich_table())
+    print(f"chart: {report.chart}")
+    for name, path in report.timelines.items():
+        print(f"timeline ({name}): {path}")
     return 0
 
 
@@ -171,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_demo(sub)
+    _add_compare(sub)
     add_infer_parser(sub)
     add_plan_parser(sub)
     add_simulate_parser(sub)

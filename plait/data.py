@@ -59,7 +59,8 @@ class ByteDataset:
 
     def __init__(self, data: bytes | None = None, seed: int = 0, name: str = "stdlib"):
         data = stdlib_corpus() if data is None else data
-        self.tokens = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).astype(np.int64))
+        # Bytes stay bytes (uint8) in memory; batches are widened to int64 when sliced.
+        self.tokens = torch.from_numpy(np.frombuffer(data, dtype=np.uint8).copy())
         self.seed = seed
         self.name = name
 
@@ -87,7 +88,7 @@ class ByteDataset:
             )
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         starts = torch.randint(0, len(self.tokens) - seq_len, (batch_size,), generator=g)
-        windows = torch.stack([self.tokens[s : s + seq_len + 1] for s in starts.tolist()])
+        windows = torch.stack([self.tokens[s : s + seq_len + 1] for s in starts.tolist()]).long()
         return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
     def sequences(self, seq_len: int, limit: int | None = None) -> torch.Tensor:
@@ -95,4 +96,6 @@ class ByteDataset:
         n = (len(self.tokens) - 1) // seq_len
         if limit is not None:
             n = min(n, limit)
-        return torch.stack([self.tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])
+        return torch.stack(
+            [self.tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]
+        ).long()

@@ -180,6 +180,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
     from plait.train_parts import build_local
 
     torch.manual_seed(cfg.seed)
+    rss_at_start = _rss_mb()  # PyTorch's own footprint, so growth is what training holds
     mesh = Mesh(cfg.dp, cfg.pp, cfg.tp)
     rank0 = mesh.rank == 0
     dtype = DTYPES[cfg.dtype]
@@ -239,7 +240,8 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                     "grad_norm": norm,
                     "comm_bytes": {a: comm.stats.bytes(axis=a) for a in ("dp", "pp", "tp")},
                     "busy": _busy(timeline),
-                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "peak_rss_mb": _peak_rss_mb(),
+                    "rss_at_start_mb": rss_at_start,
                 }
                 record = _gather_record(record, mesh)
                 record["tokens_per_s"] = tokens / record["step_time_s"]
@@ -287,6 +289,20 @@ def _mean_over(loss: float, group) -> float:
     return t.item() / dist.get_world_size(group)
 
 
+def _rss_mb() -> float:
+    """Resident memory of this process now, in MB."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return 0.0
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _busy(timeline: Timeline | None) -> tuple[float, float, float]:
     """(compute seconds, first start, last end) of this rank's step timeline."""
     if not timeline or not timeline.events:
@@ -302,6 +318,7 @@ def _gather_record(record: dict, mesh: Mesh) -> dict:
     computing over the span of the step on all ranks.
     """
     mine = {
+        "growth": record["peak_rss_mb"] - record.pop("rss_at_start_mb"),
         "rss": record.pop("peak_rss_mb"),
         "comm": record["comm_bytes"],
         "time": record["step_time_s"],
@@ -313,6 +330,7 @@ def _gather_record(record: dict, mesh: Mesh) -> dict:
     else:
         parts = [mine]
     record["peak_rss_mb_per_rank"] = [p["rss"] for p in parts]
+    record["peak_rss_growth_mb_per_rank"] = [p["growth"] for p in parts]
     record["comm_bytes"] = {k: sum(p["comm"][k] for p in parts) for k in mine["comm"]}
     record["step_time_s"] = max(p["time"] for p in parts)  # the step ends when the slowest does
     busy = sum(p["busy"][0] for p in parts)

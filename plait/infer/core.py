@@ -28,6 +28,8 @@ __all__ = [
     "load_requests",
     "build_model",
     "score_batch",
+    "score_batch_rss",
+    "peak_rss_mb",
     "percentile",
 ]
 
@@ -153,6 +155,19 @@ def score_batch(model: Transformer, batch: torch.Tensor) -> tuple[list[float], f
     logits = model(batch[:, :-1])
     losses = per_sequence_losses(logits, batch[:, 1:])
     return losses, time.perf_counter() - t0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def score_batch_rss(model: Transformer, batch: torch.Tensor) -> tuple[list[float], float, float]:
+    """:func:`score_batch` plus the worker's peak memory after it (for per-worker reports)."""
+    losses, seconds = score_batch(model, batch)
+    return losses, seconds, peak_rss_mb()
 
 
 def percentile(values: list[float], q: float) -> float:

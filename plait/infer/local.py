@@ -8,7 +8,14 @@ from functools import partial
 import torch
 
 from plait import tasks
-from plait.infer.core import InferConfig, InferReport, build_model, score_batch
+from plait.infer.core import (
+    InferConfig,
+    InferReport,
+    build_model,
+    peak_rss_mb,
+    score_batch,
+    score_batch_rss,
+)
 from plait.mesh import MeshShape
 from plait.progress import progress_bar
 
@@ -28,7 +35,15 @@ def run_single(cfg: InferConfig, requests: list[torch.Tensor]) -> InferReport:
                 losses += batch_losses
                 latencies.append(seconds)
                 update()
-        return InferReport("single", MeshShape(), losses, latencies, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        return InferReport(
+            "single",
+            MeshShape(),
+            losses,
+            latencies,
+            seconds,
+            {"peak_rss_mb_per_worker": [peak_rss_mb()]},
+        )
     finally:
         torch.set_num_threads(threads)
 
@@ -41,7 +56,7 @@ def run_task(cfg: InferConfig, requests: list[torch.Tensor]) -> InferReport:
     """N whole replicas; a free replica takes the next request (plait.tasks.map)."""
     t0 = time.perf_counter()
     results = tasks.map(
-        score_batch,
+        score_batch_rss,
         requests,
         workers=cfg.workers,
         setup=partial(_replica, cfg),
@@ -50,5 +65,14 @@ def run_task(cfg: InferConfig, requests: list[torch.Tensor]) -> InferReport:
         description=f"infer task x{cfg.workers}",
     )
     seconds = time.perf_counter() - t0
-    losses = [loss for batch_losses, _ in results for loss in batch_losses]
-    return InferReport("task", MeshShape(dp=cfg.workers), losses, [s for _, s in results], seconds)
+    losses = [loss for batch_losses, _, _ in results for loss in batch_losses]
+    # Workers are not named in results; the largest peaks stand for the busiest workers.
+    peaks = sorted((rss for _, _, rss in results), reverse=True)[: cfg.workers]
+    return InferReport(
+        "task",
+        MeshShape(dp=cfg.workers),
+        losses,
+        [s for _, s, _ in results],
+        seconds,
+        {"peak_rss_mb_per_worker": peaks},
+    )

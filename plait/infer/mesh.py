@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from plait.infer.core import InferConfig, InferReport, build_model
+from plait.infer.core import InferConfig, InferReport, build_model, peak_rss_mb
 from plait.launch import launch
 from plait.mesh import Mesh, MeshShape
 
@@ -39,11 +39,12 @@ def run_mesh(cfg: InferConfig, shape: MeshShape, requests: list[torch.Tensor]) -
         _worker, shape.world_size, cfg, shape, requests, threads_per_worker=cfg.threads
     )
     seconds = time.perf_counter() - t0
-    done = sorted(r for rank in per_rank for r in rank)  # (request, losses, seconds)
+    done = sorted(r for rank, _ in per_rank for r in rank)  # (request, losses, seconds)
     if [r for r, _, _ in done] != list(range(len(requests))):
         raise RuntimeError(f"requests came back incomplete: {[r for r, _, _ in done]}")
     losses = [loss for _, batch_losses, _ in done for loss in batch_losses]
-    return InferReport(cfg.strategy, shape, losses, [s for _, _, s in done], seconds)
+    extra = {"peak_rss_mb_per_worker": [rss for _, rss in per_rank]}
+    return InferReport(cfg.strategy, shape, losses, [s for _, _, s in done], seconds, extra)
 
 
 def _check_available(shape: MeshShape) -> None:
@@ -62,8 +63,10 @@ def _worker(cfg: InferConfig, shape: MeshShape, requests: list[torch.Tensor]):
     mine = list(range(mesh.dp_rank, len(requests), shape.dp))
     model = build_model(cfg)
     if shape.pp > 1:
-        return _pipeline_replica(cfg, mesh, model, requests, mine)
-    return _tensor_replica(mesh, model, requests, mine)
+        done = _pipeline_replica(cfg, mesh, model, requests, mine)
+    else:
+        done = _tensor_replica(mesh, model, requests, mine)
+    return done, peak_rss_mb()
 
 
 @torch.no_grad()

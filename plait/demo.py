@@ -1,0 +1,112 @@
+"""``plait demo``: the first thing a new user runs (what ``make demo`` runs).
+
+Within a few minutes on a 2-core CPU it: calibrates this machine (matmul rate, gloo all-reduce and
+point-to-point; cached), prints the planner's verdict for the ``small`` model on 2 workers here,
+trains the configuration the planner chose with a progress bar, runs ``plait compare`` on every
+strategy 2 workers allow, and names the folder with the pictures it drew.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+__all__ = ["run_demo"]
+
+
+def _settings(est) -> dict:
+    """TrainConfig fields for the planner's chosen configuration."""
+    c = est.config
+    return {
+        "dp": c.dp,
+        "pp": c.pp,
+        "tp": c.tp,
+        "schedule": c.schedule if c.pp > 1 else "1f1b",
+        "virtual": c.virtual if c.pp > 1 else None,
+        "microbatches": c.num_microbatches,
+        "sequence_parallel": c.sp and c.tp > 1,
+        "activation_checkpointing": c.recompute == "full",
+    }
+
+
+def run_demo(
+    out_dir: str = "plait-out/demo",
+    workers: int = 2,
+    steps: int = 40,
+    model: str = "small",
+    batch_size: int = 8,
+    seq_len: int = 128,
+) -> int:
+    from plait.compare import CompareConfig, compare
+    from plait.plan import explain, get_hardware, get_model, search
+    from plait.train import TrainConfig, train
+
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    print("1. Calibrating this machine (cached after the first run) ...")
+    hw = get_hardware("local")
+    print(f"   {hw.describe() if hasattr(hw, 'describe') else hw.name}")
+
+    print(
+        f"\n2. The verdict for '{model}' on {workers} workers here "
+        f"(global batch {batch_size} x {seq_len} tokens):"
+    )
+    res = search(
+        get_model(model, seq_len=seq_len),
+        hw,
+        gpus=workers,
+        global_batch=batch_size,
+        seq=seq_len,
+        dtype="fp32",
+        max_microbatch=batch_size,
+    )
+    print("   " + explain(res).replace("\n", "\n   "))
+    chosen = _settings(res.best)
+
+    print(f"\n3. Training the chosen configuration ({res.best.config.label()}) for {steps} steps:")
+    hist = train(
+        TrainConfig(
+            model=model,
+            steps=steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            timeline_png=str(out / "timeline-chosen.png"),
+            trace_out=str(out / "trace-chosen.json"),
+            metrics_out=str(out / "metrics-chosen.jsonl"),
+            **chosen,
+        )
+    )
+    first = sum(r["loss"] for r in hist[:3]) / 3
+    last = sum(r["loss"] for r in hist[-3:]) / 3
+    print(f"   loss {first:.3f} -> {last:.3f} (mean of the first and last 3 steps)")
+
+    print(f"\n4. Measuring every strategy {workers} workers allow, beside the prediction:")
+    report = compare(
+        CompareConfig(
+            model=model,
+            workers=workers,
+            mode="train",
+            batch_size=batch_size,
+            seq_len=seq_len,
+            out_dir=str(out / "compare"),
+        ),
+        hardware=hw,
+    )
+    from rich.console import Console
+
+    Console(width=140).print(report.rich_table())
+    best = report.best()
+    if best is not None:
+        print(
+            f"   fastest measured here: {best.strategy} ({best.dp}x{best.pp}x{best.tp}); "
+            f"the planner chose {res.best.config.label()}"
+        )
+
+    print(
+        f"\nPictures and traces are in {out.resolve()}/ "
+        f"(timeline-chosen.png, compare/compare-train.png, compare/timeline-*.png; "
+        f"the .json traces open in https://ui.perfetto.dev). Took {time.perf_counter() - t0:.0f} s."
+    )
+    return 0
