@@ -586,10 +586,14 @@ class _Plan:
             if a.kind not in (Kind.RECV_ACT, Kind.RECV_GRAD):
                 continue
             if prefetch is None:
-                # before my first compute that starts once the sender has sent, at the latest
-                # at the receive itself
+                # a little before my first compute that starts once the sender has sent, at the
+                # latest at the receive itself
                 t = sent[_matching(a)]
-                self.post_at[j] = next((c for c in computes if starts[(rank, c)] >= t), j)
+                k = next((n for n, c in enumerate(computes) if starts[(rank, c)] >= t), None)
+                if k is None:
+                    self.post_at[j] = j
+                else:
+                    self.post_at[j] = computes[max(0, k - _EARLIER)]
             elif prefetch <= 0:
                 self.post_at[j] = j
             else:
@@ -604,6 +608,11 @@ def _matching(recv: Action) -> Action:
         return Action(Kind.SEND_ACT, recv.stage - 1, recv.microbatch)
     return Action(Kind.SEND_GRAD, recv.stage + 1, recv.microbatch)
 
+
+# Post a receive this many compute actions before its sender is expected to send: real timing
+# drifts from unit time, and a receive posted a little early costs a buffer, one posted late costs
+# a round trip (measured on tiny models: 2 beats 0 by about 10% for interleaved 1F1B).
+_EARLIER = 2
 
 _UNIT = {Kind.F: 1.0, Kind.B: 1.0, Kind.W: 1.0, Kind.BW: 2.0}
 
