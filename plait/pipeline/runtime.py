@@ -232,7 +232,7 @@ class PipelineRuntime:
         self._out_meta: dict[tuple, tuple] = {}  # outputs of my stages (for gradient receives)
         self._in_meta: dict[tuple, tuple] = {}  # outputs of a previous stage on another rank
         self._sent_meta: dict[tuple, tuple] = {}  # headers sent, and what they said
-        self._pending_sends: list = []
+        self._pending_sends: deque = deque()
 
     @classmethod
     def from_model(
@@ -387,14 +387,14 @@ class PipelineRuntime:
                 events.append(
                     Event(self.pp_rank, str(a), a.kind.value, t0, t1, a.stage, a.microbatch)
                 )
-                if self._pending_sends:
-                    self._pending_sends = [
-                        s for s in self._pending_sends if not s[1].is_completed()
-                    ]
+                # drop completed sends (and their buffers) oldest first: they finish in order,
+                # so this is usually one check per action
+                while self._pending_sends and self._pending_sends[0][1].is_completed():
+                    self._pending_sends.popleft()
             for _, work in self._pending_sends:
                 work.wait()
         finally:
-            self._pending_sends = []
+            self._pending_sends = deque()
             self._recording = None
         self.timeline = Timeline(self.schedule.num_ranks, events)
 
