@@ -47,7 +47,11 @@ def run_demo(
 
     print("1. Calibrating this machine (cached after the first run) ...")
     hw = get_hardware("local")
-    print(f"   {hw.describe() if hasattr(hw, 'describe') else hw.name}")
+    print(
+        f"   matmul {hw.peak_flops['fp32'] / 1e9:.0f} GFLOP/s (fp32), {hw.intra.name} "
+        f"{hw.intra.bandwidth / 1e9:.2f} GB/s with {hw.intra.latency * 1e6:.0f} us latency; "
+        f"{hw.memory_bytes / 2**30:.0f} GiB memory"
+    )
 
     print(
         f"\n2. The verdict for '{model}' on {workers} workers here "

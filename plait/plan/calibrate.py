@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from plait.plan.hardware import HardwareSpec, Link
@@ -49,6 +50,40 @@ def calibrate_local(refresh: bool = False, verbose: bool = False) -> HardwareSpe
     tmp.write_text(json.dumps(spec.to_dict(), indent=1))
     os.replace(tmp, path)
     return spec
+
+
+def _layer_scales(spec: HardwareSpec) -> tuple[tuple[float, float], ...]:
+    """Time a real reference transformer block (forward and backward, one thread, the small
+    model's width) at micro-batches of 1, 2 and 4 x 128 tokens against what the cost model
+    estimates from the measured rates: the factor the rates alone miss (backward kernels,
+    layouts, allocation, and small micro-batches running less efficiently)."""
+    import torch
+
+    from plait.models import get_config
+    from plait.models.transformer import Block
+    from plait.plan.config import ParallelConfig
+    from plait.plan.cost import CostModel
+    from plait.plan.model_spec import get_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = get_config("small")
+    block = Block(cfg)
+    out = []
+    try:
+        for b in (1, 2, 4):
+            x = torch.randn(b, 128, cfg.hidden, requires_grad=True)
+
+            def fwd_bwd(x=x):
+                block(x).sum().backward()
+
+            measured = _best(fwd_bwd, reps=5, min_time=0.05)
+            pc = ParallelConfig(microbatch_size=b, dtype="fp32")
+            lt = CostModel(get_model("small", seq_len=128), spec, pc, seq=128).layer_times
+            out.append((128.0 * b, measured / (lt["F"] + lt["B"] + lt["W"])))
+    finally:
+        torch.set_num_threads(threads)
+    return tuple(out)
 
 
 def _best(fn, reps: int = 5, min_time: float = 0.02) -> float:
@@ -89,11 +124,22 @@ def _compute_rates(verbose: bool) -> dict:
         bandwidth = 2 * big.numel() * 4 / t  # one read, one write
         tiny = torch.randn(4)
         overhead = _best(lambda: tiny + tiny, min_time=0.005)
-        p = torch.nn.Parameter(torch.randn(2_000_000))
-        p.grad = torch.randn_like(p)
-        opt = torch.optim.AdamW([p], lr=1e-3)
-        t = _best(opt.step, reps=3)
-        opt_per_param = t / p.numel()
+        # What `plait train` does after backward, on a real model's parameter list (many
+        # tensors, not one): global-norm clipping and an AdamW step.
+        from plait.grads import clip_grad_norm
+        from plait.models import Transformer, get_config
+
+        params = list(Transformer(get_config("small")).parameters())
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = torch.optim.AdamW(params, lr=1e-3)
+
+        def update():
+            clip_grad_norm(params, 1.0)
+            opt.step()
+
+        t = _best(update, reps=3)
+        opt_per_param = t / sum(p.numel() for p in params)
     finally:
         torch.set_num_threads(threads)
     if verbose:
@@ -124,12 +170,20 @@ def _fixed(fn, reps: int = 3, iters: int = 10) -> float:
 
 
 def _comm_worker() -> dict:
-    """Runs on two launched workers: gloo all-reduce and send/recv at two sizes each."""
+    """Runs on two launched workers: gloo all-reduce and send/recv at two sizes each, alone and
+    inside a compute loop."""
     import torch
     import torch.distributed as dist
 
     rank = dist.get_rank()
     out = {}
+    # A short matmul chain stands in for the compute between two collectives of a step.
+    a, w = torch.randn(256, 256), torch.randn(256, 256)
+
+    def compute():
+        for _ in range(4):
+            a @ w
+
     for label, n in (("small", 1), ("large", 1 << 20)):  # 4 B and 4 MiB
         buf = torch.zeros(n)
         dist.barrier()
@@ -149,18 +203,31 @@ def _comm_worker() -> dict:
         dist.barrier()
         out[f"p2p_{label}"] = _fixed(pingpong) / 2
         out[f"bytes_{label}"] = 4 * n
+    # What an all-reduce costs inside a training step: between bursts of compute the peer's
+    # thread must wake and the two must meet, which a loop of collectives alone hides; and gloo's
+    # cost is far from linear in size, so it is measured at the sizes steps use.
+    alone = _fixed(compute)
+    curve = []
+    for n in (1, 1 << 16, 1 << 17, 1 << 18, 1 << 20, 1 << 22):  # 4 B .. 16 MiB
+        buf = torch.zeros(n)
+
+        def step(buf=buf):
+            compute()
+            dist.all_reduce(buf)
+
+        curve.append((4.0 * n, max(_fixed(step) - alone, 1e-6)))
+    out["all_reduce_curve"] = curve
     return out
 
 
 def _comm_rates() -> Link:
     from plait.launch import launch
 
-    res = launch(_comm_worker, 2, threads_per_worker=1, timeout=60)[0]
+    res = launch(_comm_worker, 2, threads_per_worker=1, timeout=120)[0]
     lat = res["p2p_small"]
     bw = (res["bytes_large"] - res["bytes_small"]) / max(res["p2p_large"] - lat, 1e-9)
-    # All-reduce of two ranks moves the data once each way: 2(n-1)/n = 1; fold in what
-    # all-reduce costs beyond the same bytes sent point-to-point as extra latency.
-    return Link("gloo-shm", bw, lat), res
+    curve = tuple(sorted(res["all_reduce_curve"]))
+    return Link("gloo-shm", bw, lat, curve), res
 
 
 def _measure(verbose: bool) -> HardwareSpec:
@@ -192,7 +259,11 @@ def _measure(verbose: bool) -> HardwareSpec:
         shared_cores=cores,
         source=(
             f"measured on this machine ({cores} CPUs, torch {torch.__version__}) in "
-            f"{time.perf_counter() - t0:.1f} s; all-reduce 4 MiB {raw['allreduce_large'] * 1e3:.2f} ms"
+            f"{time.perf_counter() - t0:.1f} s; all-reduce between bursts of compute: "
+            + ", ".join(f"{b / 2**10:.0f} KiB {t * 1e3:.2f} ms" for b, t in link.all_reduce_curve)
         ),
     )
+    # What the rates alone miss, measured on a real layer (see _layer_scale).
+    scales = _layer_scales(spec)
+    spec = replace(spec, compute_scale=scales[1][1], compute_scale_by_tokens=scales)
     return spec

@@ -160,12 +160,13 @@ class CostModel:
         elem = self._elementwise_bytes(b) / self.hw.memory_bandwidth
         ko = self.hw.kernel_overhead_s
         comm = self._tp_collectives(b)
-        fwd_compute = gemm + attn + _ELEMWISE_FWD * elem + _KERNELS["F"] * ko
+        cs = self.hw.compute_scale_at(tokens)
+        fwd_compute = (gemm + attn + _ELEMWISE_FWD * elem + _KERNELS["F"] * ko) * cs
         f = fwd_compute + comm
         # Backward: the input-gradient matmuls equal the forward's; the attention core's backward
         # costs twice its forward; all of it is input gradient.
-        bwd = gemm + 2 * attn + _ELEMWISE_BWD * elem + _KERNELS["B"] * ko + comm
-        w = gemm + _KERNELS["W"] * ko
+        bwd = (gemm + 2 * attn + _ELEMWISE_BWD * elem + _KERNELS["B"] * ko) * cs + comm
+        w = (gemm + _KERNELS["W"] * ko) * cs
         if self.cfg.recompute == "full":
             bwd += f
         elif self.cfg.recompute == "selective":
@@ -187,13 +188,14 @@ class CostModel:
             / self.hw.gemm_rate(min(m.hidden, m.vocab / t), self.cfg.dtype)
         )
         elem = 3 * m.logits_bytes(self.seq, b, t) / self.hw.memory_bandwidth
-        return {"F": gemm + elem, "B": gemm + elem, "W": gemm}
+        cs = self.hw.compute_scale_at(tokens)
+        return {"F": (gemm + elem) * cs, "B": (gemm + elem) * cs, "W": gemm * cs}
 
     def _embed_times(self) -> dict[str, float]:
         m, b = self.model, self.cfg.microbatch_size
         nbytes = b * self.seq * m.hidden * self.dtype_bytes
         comm = self.tp_link.all_reduce_time(nbytes, self.cfg.tp)  # vocab-parallel embedding
-        elem = 3 * nbytes / self.hw.memory_bandwidth
+        elem = 3 * nbytes / self.hw.memory_bandwidth * self.hw.compute_scale_at(b * self.seq)
         return {"F": elem + comm, "B": elem, "W": elem}
 
     @cached_property
@@ -281,9 +283,12 @@ class CostModel:
     def dp_allreduce_time(self, rank: int = 0) -> float:
         """Gradient all-reduce over the data-parallel group of pipeline rank ``rank``."""
         nbytes = self.rank_params(rank) * self.dtype_bytes
-        return self.dp_link.all_reduce_time(nbytes, self.cfg.dp) * (
-            self.slowdown if self.hw.shared_cores else 1.0
-        )
+        t = self.dp_link.all_reduce_time(nbytes, self.cfg.dp)
+        if self.hw.shared_cores and self.cfg.dp > 1:
+            # On CPU the reduction and the bucket packing (pack, unpack, average: three passes
+            # over the gradients) run on the cores that compute, so none of it hides.
+            t += 3 * nbytes / self.hw.memory_bandwidth
+        return t * (self.slowdown if self.hw.shared_cores else 1.0)
 
     def optimizer_time(self, rank: int = 0) -> float:
         return self.hw.optimizer_time(self.rank_params(rank)) * self.slowdown

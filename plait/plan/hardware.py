@@ -27,11 +27,26 @@ GB = 1e9
 
 @dataclass(frozen=True)
 class Link:
-    """A link: ``name``, achievable bandwidth (bytes/s per device and direction), latency (s)."""
+    """A link: ``name``, achievable bandwidth (bytes/s per device and direction), latency (s).
+
+    ``all_reduce_curve`` holds measured ``(bytes, seconds)`` of a two-rank all-reduce (``local``:
+    between bursts of compute, as a training step sees it); when given it replaces the
+    latency-bandwidth formula for collectives, since gloo's cost is far from linear in size.
+    """
 
     name: str
     bandwidth: float
     latency: float
+    all_reduce_curve: tuple[tuple[float, float], ...] = ()
+
+    def _curve(self, nbytes: float) -> float:
+        pts = self.all_reduce_curve
+        if nbytes <= pts[0][0]:
+            return pts[0][1]
+        for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+            if nbytes <= b1 or (b1, t1) == pts[-1]:
+                return t0 + (t1 - t0) * (nbytes - b0) / (b1 - b0)  # extrapolates past the end
+        return pts[-1][1]
 
     def p2p_time(self, nbytes: float) -> float:
         """One point-to-point transfer."""
@@ -43,6 +58,8 @@ class Link:
         small messages)."""
         if n <= 1:
             return 0.0
+        if self.all_reduce_curve:  # measured at n = 2; a ring moves 2(n-1)/n of it
+            return self._curve(nbytes * (n - 1) / n * 2) * math.ceil(math.log2(n))
         return (
             2 * math.ceil(math.log2(n)) * self.latency + 2 * (n - 1) / n * nbytes / self.bandwidth
         )
@@ -51,6 +68,8 @@ class Link:
         """Ring all-gather (or reduce-scatter) whose full result is ``nbytes``."""
         if n <= 1:
             return 0.0
+        if self.all_reduce_curve:  # half an all-reduce's traffic
+            return self.all_reduce_time(nbytes, n) / 2
         return math.ceil(math.log2(n)) * self.latency + (n - 1) / n * nbytes / self.bandwidth
 
 
@@ -80,6 +99,10 @@ class HardwareSpec:
         attention_rate: measured attention FLOP/s (``local``).
         shared_cores: all devices of a job share this many cores (``local``: worker processes on
             one CPU), so more workers than cores slow each other down; 0 for independent devices.
+        compute_scale: measured time of a real transformer layer's forward and backward over the
+            cost model's estimate from the rates above (``local``; 1.0 for data-sheet presets);
+            ``compute_scale_by_tokens`` gives it per micro-batch size in tokens, since small
+            micro-batches run less efficiently.
         source: where the numbers come from.
     """
 
@@ -100,7 +123,22 @@ class HardwareSpec:
     gemm_rates: tuple[tuple[float, float], ...] = field(default_factory=tuple)
     attention_rate: float | None = None
     shared_cores: int = 0
+    compute_scale: float = 1.0
+    compute_scale_by_tokens: tuple[tuple[float, float], ...] = ()
     source: str = ""
+
+    def compute_scale_at(self, tokens: float) -> float:
+        """:attr:`compute_scale` for a micro-batch of ``tokens`` (interpolated in log tokens)."""
+        pts = self.compute_scale_by_tokens
+        if not pts:
+            return self.compute_scale
+        if tokens <= pts[0][0]:
+            return pts[0][1]
+        for (t0, s0), (t1, s1) in zip(pts, pts[1:]):
+            if tokens <= t1:
+                x = (math.log(tokens) - math.log(t0)) / (math.log(t1) - math.log(t0))
+                return s0 + (s1 - s0) * x
+        return pts[-1][1]
 
     def flops(self, dtype: str = "bf16") -> float:
         """Peak FLOP/s in ``dtype``."""
@@ -169,9 +207,12 @@ class HardwareSpec:
     @classmethod
     def from_dict(cls, d: dict) -> HardwareSpec:
         d = dict(d)
-        d["intra"] = Link(**d["intra"])
-        d["inter"] = Link(**d["inter"])
+        for k in ("intra", "inter"):
+            link = dict(d[k])
+            link["all_reduce_curve"] = tuple(tuple(x) for x in link.get("all_reduce_curve", ()))
+            d[k] = Link(**link)
         d["gemm_rates"] = tuple(tuple(x) for x in d.get("gemm_rates", ()))
+        d["compute_scale_by_tokens"] = tuple(tuple(x) for x in d.get("compute_scale_by_tokens", ()))
         return cls(**d)
 
 

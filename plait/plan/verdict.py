@@ -68,6 +68,11 @@ def format_table(res: SearchResult, n: int = 8) -> str:
     return "\n".join(rows)
 
 
+def _rate(tflops: float) -> str:
+    """TFLOP/s for accelerators, GFLOP/s where a CPU reaches well under one TFLOP/s."""
+    return f"{tflops:.0f} TFLOP/s" if tflops >= 10 else f"{tflops * 1e3:.1f} GFLOP/s"
+
+
 def explain(res: SearchResult) -> str:
     """Why the best configuration wins and why each other family loses, with numbers."""
     b = res.best
@@ -77,7 +82,7 @@ def explain(res: SearchResult) -> str:
     lines = [
         f"Verdict: {_NAMES[fam]} — {c.label()}",
         f"  {b.step_time_s:.3f} s per step of {res.global_batch} x {res.seq} tokens, "
-        f"{b.tflops_per_gpu:.0f} TFLOP/s per GPU (MFU {b.mfu:.0%}), bubble {b.bubble_fraction:.1%}, "
+        f"{_rate(b.tflops_per_gpu)} per GPU (MFU {b.mfu:.0%}), bubble {b.bubble_fraction:.1%}, "
         f"{b.memory_gb_per_gpu:.1f} of {hw.usable_memory / 1e9:.0f} GB per GPU.",
     ]
     why = []
