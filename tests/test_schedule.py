@@ -208,3 +208,20 @@ def test_bubbles_in_unit_time(p, m):
     assert _unit_makespan(build_schedule("zb-h1", p, m), cost) == 3 * m + (p - 1)  # ZB-H1's
     assert _unit_makespan(build_schedule("interleaved-1f1b", p, m, 2), cost) < one_f
     assert _unit_makespan(build_schedule("zb-v", p, m), cost) < one_f
+
+
+@pytest.mark.slow
+def test_every_schedule_up_to_p8_m32_v4_is_valid():
+    # exhaustive, not sampled: 2048 schedules, about 15 s
+    for name in SCHEDULES:
+        for v in [1, 2, 3, 4] if name == "interleaved-1f1b" else [None]:
+            for p in range(1, 9):
+                for m in range(1, 33):
+                    s = build_schedule(name, p, m, virtual=v)
+                    peak = validate(s).peak_in_flight
+                    if name == "1f1b":
+                        assert peak == [min(p - r, m) for r in range(p)]
+                    elif name == "zb-h1":
+                        assert max(peak) <= min(p, m)
+                    elif name == "zb-v":
+                        assert max(peak) <= 2 * min(p, m)

@@ -287,11 +287,29 @@ def _greedy(
             out.append(Action(bwd, s + 1, i))
         return out
 
+    def dependents(a: Action) -> list[Action]:
+        s, i = a.stage, a.microbatch
+        if a.kind is Kind.F:
+            return ([Action(Kind.F, s + 1, i)] if s < S - 1 else []) + [Action(bwd, s, i)]
+        if a.kind is Kind.W:
+            return []
+        out = [Action(bwd, s - 1, i)] if s > 0 else []
+        return out + ([Action(Kind.W, s, i)] if split else [])
+
     def ready(a: Action, t: int) -> bool:
         return all(d in done_at and done_at[d] <= t for d in deps(a))
 
+    # Actions not started whose dependencies have all started: the only ones worth checking.
+    frontier: list[set[Action]] = [set() for _ in range(p)]
+    for i in range(m):
+        frontier[stage_to_rank[0]].add(Action(Kind.F, 0, i))
+
     def start(r: int, a: Action, t: int) -> None:
         todo[r].discard(a)
+        frontier[r].discard(a)
+        for d in dependents(a):
+            if all(x in done_at or x == a for x in deps(d)):
+                frontier[stage_to_rank[d.stage]].add(d)
         orders[r].append(a)
         busy_until[r] = t + _DURATION[a.kind]
         done_at[a] = busy_until[r]
@@ -316,7 +334,7 @@ def _greedy(
         for r in range(p):
             if busy_until[r] > t or not todo[r]:
                 continue
-            cands = [a for a in todo[r] if ready(a, t)]
+            cands = [a for a in frontier[r] if ready(a, t)]
             backs = [a for a in cands if a.kind is bwd]
             fwds = [a for a in cands if a.kind is Kind.F and may_forward(r, a)]
             ws = [a for a in cands if a.kind is Kind.W]
@@ -337,7 +355,7 @@ def _greedy(
             waiting = [
                 (f_key(a), r, a)
                 for r in range(p)
-                for a in todo[r]
+                for a in frontier[r]
                 if a.kind is Kind.F and ready(a, t)
             ]
             if not waiting:  # cannot happen for well-formed dependencies; fail loudly
