@@ -48,9 +48,8 @@ def test_mesh_matches_single_process_for_20_steps(corpus, single, mesh):
     hist = train(cfg(corpus, dp=dp, pp=pp, tp=tp, microbatches=2))
     assert_close(losses(hist), single)
     first = hist[0]
-    for axis, size in zip(("dp", "pp", "tp"), mesh):
-        if axis != "pp":  # each axis that is split talks, and only those
-            assert (first["comm_bytes"][axis] > 0) == (size > 1), (axis, first["comm_bytes"])
+    for axis, size in zip(("dp", "pp", "tp"), mesh):  # each axis that is split talks, only those
+        assert (first["comm_bytes"][axis] > 0) == (size > 1), (axis, first["comm_bytes"])
     assert len(first["peak_rss_mb_per_rank"]) == dp * pp * tp
     if pp > 1:
         assert 0.0 < first["bubble_fraction"] < 1.0

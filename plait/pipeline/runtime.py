@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from plait import comm
 from plait.pipeline.schedule import Action, Kind, Schedule
 from plait.pipeline.validate import validate
 from plait.trace import Event, Timeline
@@ -531,6 +532,8 @@ class PipelineRuntime:
                 )
         else:
             dst = self._peer(s - 1)
+        phase = "forward" if a.kind is Kind.SEND_ACT else "backward"
+        comm.record("send", t.numel() * t.element_size(), axis="pp", phase=phase)
         self._pending_sends.append((t, dist.isend(t, dst)))
 
     def _recv_meta(self, a: Action, step: _Step) -> tuple | None:
