@@ -186,16 +186,16 @@ class Timeline:
         ax.set_xlabel("time (ms)")
         present = {e.kind for e in self.events}
         kinds = [k for k in KIND_COLOURS if k in present] + sorted(present - set(KIND_COLOURS))
-        ax.legend(
+        fig.legend(
             handles=[Patch(color=KIND_COLOURS.get(k, "#999999"), label=k) for k in kinds],
-            loc="upper center",
-            bbox_to_anchor=(0.5, -0.1 - 0.3 / self.num_ranks),
+            loc="lower center",
+            ncol=min(len(kinds), 8),
             frameon=False,
             fontsize=7,
-            ncol=min(len(kinds), 8),
         )
         ax.set_title(title or f"{self.source} timeline — bubble {self.bubble_fraction():.1%}")
-        fig.tight_layout()
+        # Keep a strip at the bottom for the legend, below the time axis.
+        fig.tight_layout(rect=(0, 0.45 / fig.get_figheight(), 1, 1))
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.png")
