@@ -29,3 +29,20 @@ def test_compute_scale_by_tokens_and_round_trip():
     assert spec.compute_scale_at(256) == pytest.approx(1.3)  # halfway in log tokens
     assert spec.intra.all_reduce_time(1e6, 2) == pytest.approx(1e-3)
     assert HardwareSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_packaged_calibration_table_matches_the_shared_one():
+    from pathlib import Path
+
+    from plait.plan.published import calibration_dir, load_rows
+
+    packaged = Path(__import__("plait.plan", fromlist=["x"]).__file__).parent / "data"
+    assert len(load_rows(packaged)) == 10  # the Megatron-LM 2021 table ships with plait
+    if calibration_dir() != packaged:  # the workspace's copy is next to the repository
+        shared = {
+            r["params_b"]: r
+            for r in load_rows(calibration_dir())
+            if r["file"] == "megatron2021_table1.csv"
+        }
+        for row in load_rows(packaged):
+            assert shared[row["params_b"]] == row

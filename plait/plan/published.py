@@ -27,14 +27,17 @@ __all__ = ["load_rows", "model_of_row", "predict_row", "plan_row", "calibration_
 
 
 def calibration_dir() -> Path:
+    """The published runs: the workspace's ``shared/calibration`` when it sits next to the
+    repository (it may hold more tables), else the copy shipped in ``plait/plan/data`` (the
+    Megatron-LM 2021 table, with its source on every row)."""
     here = Path(__file__).resolve()
     for cand in (
         here.parents[2] / "shared" / "calibration",
         here.parents[3] / "shared" / "calibration",
     ):
-        if cand.is_dir():
+        if cand.is_dir() and any(cand.glob("*.csv")):
             return cand
-    raise FileNotFoundError("no shared/calibration directory next to the repository")
+    return here.parent / "data"
 
 
 def load_rows(directory: Path | None = None) -> list[dict]:
