@@ -130,11 +130,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--items", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--model", default="small")
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--glibc-defaults", action="store_true", help="do not tune malloc")
     args = ap.parse_args()
+    if not args.glibc_defaults:
+        # The same allocator settings for every system: plait's workers apply them themselves
+        # (plait.alloc); the env reaches joblib's and Dask's workers, and this process runs the
+        # single-process baseline.
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(32 << 20)
+        os.environ["MALLOC_TRIM_THRESHOLD_"] = str(1 << 30)
+        os.environ["MALLOC_TOP_PAD_"] = str(64 << 20)
+        from plait.alloc import keep_freed_memory
+
+        keep_freed_memory()
+    else:
+        os.environ["PLAIT_GLIBC_DEFAULTS"] = "1"
     import distributed
 
     items = [(i, args.batch, args.seq_len) for i in range(args.items)]

@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from plait.alloc import keep_freed_memory
+
 __all__ = ["launch", "WorkerError", "default_backend"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
@@ -234,6 +236,7 @@ def _die_with_parent() -> None:
 
 def _worker(fn, args, rank, world_size, backend, host, port, timeout, threads, queue) -> None:
     _die_with_parent()
+    keep_freed_memory()
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(world_size),

@@ -101,9 +101,11 @@ def local_worker_main(setup_bytes: bytes | None, threads: int | None, conn) -> N
     Messages out (pickled): ``("ok", index, result, seconds)``, ``("err", index, message, tb)``
     or ``("setup_err", None, message, tb)``.
     """
+    from plait.alloc import keep_freed_memory
     from plait.launch import _die_with_parent
 
     _die_with_parent()
+    keep_freed_memory()
     # Ctrl-C reaches the whole process group; the parent decides what happens, not each worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if threads is not None:
