@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from plait import comm
 from plait.checkpoint import (
+    checkpoint_keys,
     gather_full,
     latest_checkpoint,
     load_checkpoint,
@@ -345,9 +346,13 @@ _OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def _save(directory, step, params, full_shapes, opt, mesh: Mesh, owns) -> None:
-    """Every rank adds its stage's tensors, gathered over tp; optimizer state from its owner."""
+    """Every rank adds its stage's tensors, gathered over tp; optimizer state from its owner.
+
+    The step is the data position (batches are a function of seed and step); each rank's RNG
+    state is kept under its rank, for a resume on the same world size.
+    """
     group = mesh.group("tp")
-    state: dict = {"step": step}
+    state: dict = {"step": step, f"rng.rank{mesh.rank}": torch.get_rng_state()}
     for name, p in params.items():
         state[f"model.{name}"] = gather_full(p.data, full_shapes[name], group)
         st = opt.state.get(p, {}) if owns(name) else {}
@@ -369,7 +374,14 @@ def _load(path, params, full_shapes, opt, mesh: Mesh, owns) -> int:
         for key in _OPT_KEYS:
             state[f"optim.{name}.{key}"] = torch.empty(full_shapes[name], dtype=p.dtype)
         state[f"optim.{name}.step"] = torch.zeros((), dtype=torch.float32)
+    rng_key = f"rng.rank{mesh.rank}"
+    saved_world = sum(k.startswith("rng.rank") for k in checkpoint_keys(path))
+    same_world = saved_world == mesh.shape.world_size
+    if same_world:  # RNG streams belong to ranks: restored only on the same world size
+        state[rng_key] = torch.get_rng_state()
     load_checkpoint(path, state)
+    if same_world:
+        torch.set_rng_state(state[rng_key])
     tp_rank = mesh.tp_rank
     with torch.no_grad():
         for name, p in params.items():

@@ -197,3 +197,19 @@ def test_trace_and_timeline_png_have_one_track_per_rank(corpus, tmp_path):
         fwd = sorted(e["args"]["microbatch"] for e in spans if e["pid"] == r and e["cat"] == "F")
         assert fwd == [0, 1, 2, 3]
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_restores_the_rng_state(corpus, tmp_path):
+    import torch
+
+    from plait.checkpoint import checkpoint_keys, load_checkpoint
+
+    ck = tmp_path / "ck"
+    train(cfg(corpus, steps=2, checkpoint_dir=str(ck), checkpoint_every=2))
+    keys = checkpoint_keys(ck / "step-00000002")
+    assert "rng.rank0" in keys and keys["model.head.proj.weight"] == (256, 64)
+    state = {"rng.rank0": torch.get_rng_state()}
+    load_checkpoint(ck / "step-00000002", state)
+    torch.manual_seed(12345)  # anything else
+    train(cfg(corpus, steps=2, checkpoint_dir=str(ck), resume=True))  # nothing left to run
+    assert torch.equal(torch.get_rng_state(), state["rng.rank0"])
