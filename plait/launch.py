@@ -163,36 +163,50 @@ def _context() -> mp.context.BaseContext:
 
 
 def _collect(procs, queue, world_size: int, grace: float) -> list[Any]:
+    """Gather every rank's result, or raise for the worker that failed first.
+
+    A dead worker's peers fail too, often sooner than its death is noticed (their collectives
+    see the connection drop). So after the first failure the parent listens a moment longer and
+    blames a worker that died without reporting before one that raised: the root cause, not its
+    echo.
+    """
     results: dict[int, Any] = {}
+    failures: list[tuple[int, bool, str, str]] = []  # (rank, died, message, traceback)
     reader = queue._reader  # the pipe end, waitable together with the sentinels
     alive = {p.sentinel: rank for rank, p in enumerate(procs)}
+    deadline = None
     while len(results) < world_size:
-        ready = mp.connection.wait([reader, *alive])
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready = mp.connection.wait([reader, *alive], timeout)
         if reader in ready:
-            while not queue.empty() and len(results) < world_size:
-                status, rank, payload = queue.get()
-                if status == "err":
-                    raise WorkerError(rank, payload[0], payload[1])
-                results[rank] = pickle.loads(payload)
+            _drain(queue, results, failures)
         for sentinel in [s for s in ready if s in alive]:
             rank = alive.pop(sentinel)
-            proc = procs[rank]
-            proc.join()
-            # A worker may exit cleanly just after putting its result; read it first.
-            if rank in results or _drain_until(queue, results, rank):
-                continue
-            raise WorkerError(rank, _describe_exit(proc.exitcode))
+            procs[rank].join()
+            _drain(queue, results, failures)  # it may have reported just before exiting
+            if rank not in results and not any(f[0] == rank for f in failures):
+                failures.append((rank, True, _describe_exit(procs[rank].exitcode), ""))
+        if failures and deadline is None:
+            deadline = time.monotonic() + min(grace, 1.0)
+        if failures and (not ready or not alive or time.monotonic() >= deadline):
+            break
+    if failures:
+        rank, _, message, tb = min(failures, key=lambda f: not f[1])  # the dead first, stable
+        others = [f"rank {r} {m.split(':')[0]}" for r, _, m, _ in failures if r != rank]
+        if others:
+            message += "; then " + ", ".join(others)
+        raise WorkerError(rank, message, tb)
     return [results[r] for r in range(world_size)]
 
 
-def _drain_until(queue, results: dict[int, Any], rank: int) -> bool:
-    """Read whatever is queued; True when ``rank``'s result has arrived."""
+def _drain(queue, results: dict[int, Any], failures: list) -> None:
+    """Read whatever is queued: results, and failures in the order they came."""
     while not queue.empty():
-        status, r, payload = queue.get()
+        status, rank, payload = queue.get()
         if status == "err":
-            raise WorkerError(r, payload[0], payload[1])
-        results[r] = pickle.loads(payload)
-    return rank in results
+            failures.append((rank, False, payload[0], payload[1]))
+        else:
+            results[rank] = pickle.loads(payload)
 
 
 def _describe_exit(code: int | None) -> str:
