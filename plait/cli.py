@@ -1,4 +1,4 @@
-"""The ``plait`` command line: ``plait train``, ``plait demo``."""
+"""The ``plait`` command line: train, infer, plan, simulate, compare, demo."""
 
 from __future__ import annotations
 
@@ -188,9 +188,7 @@ def _cmd_compare(args) -> int:
     from plait.compare import CompareConfig, compare
 
     names = {f.name for f in fields(CompareConfig)}
-    report = compare(
-        CompareConfig(**{k: v for k, v in vars(args).items() if k in names}, progress=False)
-    )
+    report = compare(CompareConfig(**{k: v for k, v in vars(args).items() if k in names}))
     if args.json:
         print(json.dumps(report.to_dict(), indent=1))
         return 0

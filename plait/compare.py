@@ -9,13 +9,12 @@ trace and Gantt PNG) and, with ``--json``, everything as one object.
 Example::
 
     report = compare(CompareConfig(model="small", workers=2, mode="train"))
-    print(report.table())
+    Console().print(report.rich_table())   # rich.console.Console
 """
 
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +40,6 @@ class CompareConfig:
     schedule: str = "1f1b"
     sequences: int = 64
     out_dir: str = "plait-out/compare"
-    progress: bool = True
 
     def validate(self) -> None:
         get_config(self.model)
@@ -84,14 +82,6 @@ class CompareReport:
             "chart": self.chart,
             "timelines": self.timelines,
         }
-
-    def table(self) -> str:
-        """The comparison as a plain-text table (rich renders the same columns in colour)."""
-        from rich.console import Console
-
-        console = Console(width=160, record=True, file=open(os.devnull, "w"))
-        console.print(self.rich_table())
-        return console.export_text()
 
     def rich_table(self):
         from rich.table import Table
