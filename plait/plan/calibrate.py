@@ -53,43 +53,45 @@ def calibrate_local(refresh: bool = False, verbose: bool = False) -> HardwareSpe
 
 
 def _layer_scales(spec: HardwareSpec) -> tuple[tuple[float, float], ...]:
-    """Time a real reference transformer block (forward and backward, one thread, the small
-    model's width) at micro-batches of 1, 2 and 4 x 128 tokens against what the cost model
-    estimates from the measured rates: the factor the rates alone miss (backward kernels,
-    layouts, allocation, and small micro-batches running less efficiently)."""
+    """Time the real ``small`` reference model (forward, loss and backward, one thread) on
+    micro-batches of 1, 2 and 4 x 128 tokens against what the cost model estimates for it from
+    the measured rates: the factor the rates alone miss (backward kernels, layouts, allocation,
+    the embedding, head and loss, and small micro-batches running less efficiently)."""
     import torch
 
-    from plait.models import get_config
-    from plait.models.transformer import Block
+    from plait.models import Transformer, get_config
     from plait.plan.config import ParallelConfig
     from plait.plan.cost import CostModel
     from plait.plan.model_spec import get_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    cfg = get_config("small")
-    block = Block(cfg)
+    model = Transformer(get_config("small"))
     out = []
     try:
         for b in (1, 2, 4):
-            x = torch.randn(b, 128, cfg.hidden, requires_grad=True)
+            x = torch.randint(0, 256, (b, 129))
 
             def fwd_bwd(x=x):
-                block(x).sum().backward()
+                model.loss(model(x[:, :-1]), x[:, 1:]).backward()
 
-            measured = _best(fwd_bwd, reps=5, min_time=0.05)
+            measured = _best(fwd_bwd, reps=7, min_time=0.1, typical=True)
             pc = ParallelConfig(microbatch_size=b, dtype="fp32")
-            lt = CostModel(get_model("small", seq_len=128), spec, pc, seq=128).layer_times
-            out.append((128.0 * b, measured / (lt["F"] + lt["B"] + lt["W"])))
+            cm = CostModel(get_model("small", seq_len=128), spec, pc, seq=128)
+            predicted = sum(cm.compute(k, 0) for k in ("F", "B", "W"))
+            out.append((128.0 * b, measured / predicted))
     finally:
         torch.set_num_threads(threads)
     return tuple(out)
 
 
-def _best(fn, reps: int = 5, min_time: float = 0.02) -> float:
-    """Best time of ``fn`` (the least disturbed by other processes on a shared machine)."""
+def _best(fn, reps: int = 5, min_time: float = 0.02, typical: bool = False) -> float:
+    """Best time of ``fn`` (the least disturbed by other processes on a shared machine), or with
+    ``typical`` the median over ``reps``."""
+    import statistics
+
     fn()
-    best = float("inf")
+    times = []
     for _ in range(reps):
         n, t0 = 0, time.perf_counter()
         while True:
@@ -98,8 +100,8 @@ def _best(fn, reps: int = 5, min_time: float = 0.02) -> float:
             dt = time.perf_counter() - t0
             if dt >= min_time:
                 break
-        best = min(best, dt / n)
-    return best
+        times.append(dt / n)
+    return statistics.median(times) if typical else min(times)
 
 
 def _compute_rates(verbose: bool) -> dict:
@@ -153,20 +155,23 @@ def _compute_rates(verbose: bool) -> dict:
     }
 
 
-def _fixed(fn, reps: int = 3, iters: int = 10) -> float:
-    """Best mean time over ``reps`` runs of ``iters`` calls: the same count on every rank, so
-    collectives and send/receive pairs match up (a time-based loop would not)."""
+def _fixed(fn, reps: int = 3, iters: int = 10, typical: bool = False) -> float:
+    """Best (or, with ``typical``, median) mean time over ``reps`` runs of ``iters`` calls: the
+    same count on every rank, so collectives and send/receive pairs match up (a time-based loop
+    would not)."""
+    import statistics
+
     import torch.distributed as dist
 
     fn()
-    best = float("inf")
+    times = []
     for _ in range(reps):
         dist.barrier()
         t0 = time.perf_counter()
         for _ in range(iters):
             fn()
-        best = min(best, (time.perf_counter() - t0) / iters)
-    return best
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times) if typical else min(times)
 
 
 def _comm_worker() -> dict:
@@ -206,7 +211,8 @@ def _comm_worker() -> dict:
     # What an all-reduce costs inside a training step: between bursts of compute the peer's
     # thread must wake and the two must meet, which a loop of collectives alone hides; and gloo's
     # cost is far from linear in size, so it is measured at the sizes steps use.
-    alone = _fixed(compute)
+    # Medians, not minima: a step pays the typical meeting cost, not the luckiest one.
+    alone = _fixed(compute, reps=9, iters=20, typical=True)
     curve = []
     for n in (1, 1 << 16, 1 << 17, 1 << 18, 1 << 20, 1 << 22):  # 4 B .. 16 MiB
         buf = torch.zeros(n)
@@ -215,7 +221,7 @@ def _comm_worker() -> dict:
             compute()
             dist.all_reduce(buf)
 
-        curve.append((4.0 * n, max(_fixed(step) - alone, 1e-6)))
+        curve.append((4.0 * n, max(_fixed(step, reps=9, iters=20, typical=True) - alone, 1e-6)))
     out["all_reduce_curve"] = curve
     return out
 
