@@ -1,4 +1,4 @@
-"""Keep freed memory for reuse: glibc's allocator settings for compute-heavy worker processes.
+"""Process memory: glibc's allocator settings for compute-heavy workers, and how much is resident.
 
 By default glibc hands large freed blocks straight back to the kernel (``munmap``, heap trim), so
 a training or inference loop that frees and reallocates the same activation buffers every step
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import sys
 
-__all__ = ["keep_freed_memory"]
+__all__ = ["keep_freed_memory", "rss_mb", "peak_rss_mb"]
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -36,3 +37,17 @@ def keep_freed_memory() -> bool:
     ok &= libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
     ok &= libc.mallopt(_M_TOP_PAD, 64 << 20)
     return bool(ok)
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, in MB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return 0.0
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

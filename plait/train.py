@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from plait import comm
+from plait.alloc import peak_rss_mb, rss_mb
 from plait.checkpoint import (
     checkpoint_keys,
     gather_full,
@@ -181,7 +181,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
     from plait.train_parts import build_local
 
     torch.manual_seed(cfg.seed)
-    rss_at_start = _rss_mb()  # PyTorch's own footprint, so growth is what training holds
+    rss_at_start = rss_mb()  # PyTorch's own footprint, so growth is what training holds
     mesh = Mesh(cfg.dp, cfg.pp, cfg.tp)
     rank0 = mesh.rank == 0
     dtype = DTYPES[cfg.dtype]
@@ -241,7 +241,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                     "grad_norm": norm,
                     "comm_bytes": {a: comm.stats.bytes(axis=a) for a in ("dp", "pp", "tp")},
                     "busy": _busy(timeline),
-                    "peak_rss_mb": _peak_rss_mb(),
+                    "peak_rss_mb": peak_rss_mb(),
                     "rss_at_start_mb": rss_at_start,
                 }
                 record = _gather_record(record, mesh)
@@ -288,20 +288,6 @@ def _mean_over(loss: float, group) -> float:
     t = torch.tensor([float(loss)], dtype=torch.float64)
     dist.all_reduce(t, group=group)
     return t.item() / dist.get_world_size(group)
-
-
-def _rss_mb() -> float:
-    """Resident memory of this process now, in MB."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    except OSError:
-        return 0.0
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _busy(timeline: Timeline | None) -> tuple[float, float, float]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from plait.alloc import peak_rss_mb
 from plait.data import ByteDataset
 from plait.mesh import MeshShape
 from plait.models import Transformer, get_config
@@ -155,13 +156,6 @@ def score_batch(model: Transformer, batch: torch.Tensor) -> tuple[list[float], f
     logits = model(batch[:, :-1])
     losses = per_sequence_losses(logits, batch[:, 1:])
     return losses, time.perf_counter() - t0
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MB (Linux reports KiB)."""
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def score_batch_rss(model: Transformer, batch: torch.Tensor) -> tuple[list[float], float, float]:
