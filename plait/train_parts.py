@@ -109,6 +109,17 @@ def _loss_for(module: nn.Module, tp: int):
     return loss_fn(module)
 
 
+def _checkpoint_blocks(model: nn.Module) -> None:
+    """Recompute each block's activations in backward instead of keeping them (the pipeline
+    runtime does the same per stage). The block's own forward is wrapped, so parameter names
+    stay those of the model."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        inner = block.forward
+        block.forward = lambda x, inner=inner: checkpoint(inner, x, use_reentrant=False)
+
+
 def build_local(full: Transformer, mesh: Mesh, cfg) -> LocalModel:
     """This rank's :class:`LocalModel` for the mesh and config (shards ``full`` in place)."""
     tp = mesh.size("tp")
@@ -117,6 +128,8 @@ def build_local(full: Transformer, mesh: Mesh, cfg) -> LocalModel:
     if mesh.size("pp") == 1:
         if tp > 1:
             parallelize(full, mesh, sequence_parallel=cfg.sequence_parallel)
+        if cfg.activation_checkpointing:
+            _checkpoint_blocks(full)
         return WholeModel(full, cfg.num_microbatches, _loss_for(full, tp))
 
     from plait.pipeline import PipelineRuntime, build_schedule, partition

@@ -213,3 +213,35 @@ def test_resume_restores_the_rng_state(corpus, tmp_path):
     torch.manual_seed(12345)  # anything else
     train(cfg(corpus, steps=2, checkpoint_dir=str(ck), resume=True))  # nothing left to run
     assert torch.equal(torch.get_rng_state(), state["rng.rank0"])
+
+
+def test_activation_checkpointing_without_a_pipeline_changes_nothing_but_memory(corpus):
+    plain = losses(train(cfg(corpus, steps=3, dtype="float64")))
+    recomputed = losses(train(cfg(corpus, steps=3, dtype="float64", activation_checkpointing=True)))
+    assert_close(recomputed, plain, rtol=1e-12)
+
+
+def test_checkpointed_blocks_keep_fewer_tensors_for_backward():
+    import torch
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from plait.models import Transformer, get_config
+    from plait.train_parts import _checkpoint_blocks
+
+    def saved(model):
+        count = [0]
+
+        def pack(t):
+            count[0] += 1
+            return t
+
+        x = torch.randint(0, 256, (2, 16))
+        with saved_tensors_hooks(pack, lambda t: t):
+            model.loss(model(x), x).backward()
+        return count[0]
+
+    plain = Transformer(get_config("tiny"))
+    wrapped = Transformer(get_config("tiny"))
+    _checkpoint_blocks(wrapped)
+    assert [n for n, _ in wrapped.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert saved(wrapped) < saved(plain) / 2
