@@ -224,19 +224,27 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                 t0 = time.perf_counter()
                 sync.prepare(accumulations=cfg.num_microbatches)
                 loss = local.step(x[rows], y[rows])
+                t1 = time.perf_counter()
                 sync.finish()
+                t2 = time.perf_counter()
                 norm = clip_grad_norm(
                     params.values(), cfg.grad_clip, mesh.group("tp"), mesh.tp_rank, mesh.group("pp")
                 )
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                t3 = time.perf_counter()
                 loss = _mean_over(loss, mesh.group("dp"))
                 dt = time.perf_counter() - t0
+                # Where rank 0's step went: forward and backward of every micro-batch (pipeline
+                # and tensor communication included), waiting for the last gradient all-reduce,
+                # clipping plus the optimizer.
+                phases = {"forward_backward": t1 - t0, "dp_sync_wait": t2 - t1, "update": t3 - t2}
                 timeline = local.timeline
                 record = {
                     "step": step,
                     "loss": loss,
                     "step_time_s": dt,
+                    "phase_s": phases,
                     "lr": lr_at(cfg, step),
                     "grad_norm": norm,
                     "comm_bytes": {a: comm.stats.bytes(axis=a) for a in ("dp", "pp", "tp")},

@@ -69,3 +69,42 @@ def mesh_groups(dp: int, pp: int, tp: int):
         "prev": mesh.pp_prev,
         "next": mesh.pp_next,
     }
+
+
+def grad_sync_steps(set_to_none: bool):
+    """Two steps of a tiny model under GradSync (buckets small enough to make several), two
+    micro-batches each; returns, per step, each parameter's synced gradient, this rank's own
+    gradient, and whether every ``.grad`` is a slice of a bucket buffer."""
+    from plait.grads import GradSync
+
+    torch.manual_seed(0)  # same weights on every rank
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    sync = GradSync(model.parameters(), dist.group.WORLD, bucket_bytes=64)
+    gen = torch.Generator().manual_seed(100 + dist.get_rank())  # different data per rank
+    out = []
+    for _ in range(2):
+        xs = [torch.randn(4, 6, generator=gen) for _ in range(2)]
+        sync.prepare(accumulations=2)
+        for x in xs:
+            model(x).square().mean().backward()
+        sync.finish()
+        synced = [p.grad.clone() for p in model.parameters()]
+        views = all(
+            p.grad.untyped_storage().data_ptr() in sync_ptrs(sync) for p in model.parameters()
+        )
+        # This rank's own gradient, without GradSync's hooks, for the expected average.
+        own = torch.autograd.grad(
+            sum(model(x).square().mean() for x in xs), list(model.parameters())
+        )
+        out.append({"synced": synced, "own": [g.clone() for g in own], "views": views})
+        for p in model.parameters():
+            if set_to_none:
+                p.grad = None
+            else:
+                p.grad.zero_()
+    sync.remove()
+    return out, len(sync.buckets)
+
+
+def sync_ptrs(sync) -> set[int]:
+    return {buf.untyped_storage().data_ptr() for buf in sync._flat.values()}

@@ -92,10 +92,11 @@ class CostModel:
             self.stage_rank = [s if s < p else 2 * p - 1 - s for s in range(cfg.num_stages)]
         else:
             self.stage_rank = [s % p for s in range(cfg.num_stages)]
-        # Workers sharing too few CPU cores slow each other down.
+        # Workers sharing CPU cores: the slowest sets a step's pace, and more workers than cores
+        # take turns.
         self.slowdown = 1.0
-        if hw.shared_cores and cfg.gpus > hw.shared_cores:
-            self.slowdown = cfg.gpus / hw.shared_cores
+        if hw.shared_cores and cfg.gpus > 1:
+            self.slowdown = hw.straggler_factor * max(1.0, cfg.gpus / hw.shared_cores)
 
     # ------------------------------------------------------------------ links
     @cached_property
@@ -150,33 +151,51 @@ class CostModel:
             return 4 * self.tp_link.all_gather_time(nbytes, t)
         return 2 * self.tp_link.all_reduce_time(nbytes, t)
 
-    @cached_property
-    def layer_times(self) -> dict[str, float]:
-        """Seconds of one layer for one micro-batch: ``F``, ``B``, ``W`` (recomputation in ``B``)."""
+    def layer_parts(self) -> dict[str, tuple[float, float]]:
+        """Unscaled seconds of one layer's compute for one micro-batch, per action (``F``, ``B``,
+        ``W``), as ``(split, other)``: the work tensor parallelism divides (matrix multiplies,
+        the attention core) and the rest (element-wise kernels, per-kernel overheads)."""
         b = self.cfg.microbatch_size
         tokens = b * self.seq
         gemm = self._gemm_time(tokens)
         attn = self._attention_time(tokens)
         elem = self._elementwise_bytes(b) / self.hw.memory_bandwidth
         ko = self.hw.kernel_overhead_s
-        comm = self._tp_collectives(b)
-        cs = self.hw.compute_scale_at(tokens)
-        fwd_compute = (gemm + attn + _ELEMWISE_FWD * elem + _KERNELS["F"] * ko) * cs
-        f = fwd_compute + comm
         # Backward: the input-gradient matmuls equal the forward's; the attention core's backward
         # costs twice its forward; all of it is input gradient.
-        bwd = (gemm + 2 * attn + _ELEMWISE_BWD * elem + _KERNELS["B"] * ko) * cs + comm
-        w = (gemm + _KERNELS["W"] * ko) * cs
+        return {
+            "F": (gemm + attn, _ELEMWISE_FWD * elem + _KERNELS["F"] * ko),
+            "B": (gemm + 2 * attn, _ELEMWISE_BWD * elem + _KERNELS["B"] * ko),
+            "W": (gemm, _KERNELS["W"] * ko),
+        }
+
+    def _scaled(self, parts: tuple[float, float]) -> float:
+        tokens = self.cfg.microbatch_size * self.seq
+        return parts[0] * self.hw.compute_scale_at(tokens) + parts[
+            1
+        ] * self.hw.elementwise_scale_at(tokens)
+
+    @cached_property
+    def layer_times(self) -> dict[str, float]:
+        """Seconds of one layer for one micro-batch: ``F``, ``B``, ``W`` (recomputation in ``B``)."""
+        parts = self.layer_parts()
+        comm = self._tp_collectives(self.cfg.microbatch_size)
+        f = self._scaled(parts["F"]) + comm
+        bwd = self._scaled(parts["B"]) + comm
+        w = self._scaled(parts["W"])
         if self.cfg.recompute == "full":
             bwd += f
         elif self.cfg.recompute == "selective":
-            bwd += attn + elem * 0.5  # the attention core and its softmax again
+            attn = self._attention_time(self.cfg.microbatch_size * self.seq)
+            elem = self._elementwise_bytes(self.cfg.microbatch_size) / self.hw.memory_bandwidth
+            bwd += self._scaled((attn, elem * 0.5))  # the attention core and its softmax again
         s = self.slowdown
         return {"F": f * s, "B": bwd * s, "W": w * s, "comm_F": comm * s, "comm_B": comm * s}
 
     # ------------------------------------------------------------------ per stage
-    def _head_times(self) -> dict[str, float]:
-        """Final norm, logits and loss on the last stage (vocabulary split over tensor ranks)."""
+    def head_parts(self) -> dict[str, tuple[float, float]]:
+        """Final norm, logits and loss on the last stage (vocabulary split over tensor ranks), as
+        :meth:`layer_parts`."""
         m, b, t = self.model, self.cfg.microbatch_size, self.cfg.tp
         tokens = b * self.seq
         gemm = (
@@ -188,15 +207,28 @@ class CostModel:
             / self.hw.gemm_rate(min(m.hidden, m.vocab / t), self.cfg.dtype)
         )
         elem = 3 * m.logits_bytes(self.seq, b, t) / self.hw.memory_bandwidth
-        cs = self.hw.compute_scale_at(tokens)
-        return {"F": (gemm + elem) * cs, "B": (gemm + elem) * cs, "W": gemm * cs}
+        return {"F": (gemm, elem), "B": (gemm, elem), "W": (gemm, 0.0)}
+
+    def embed_parts(self) -> dict[str, tuple[float, float]]:
+        """The embedding lookup and its gradient, as :meth:`layer_parts` (no communication)."""
+        nbytes = self.cfg.microbatch_size * self.seq * self.model.hidden * self.dtype_bytes
+        elem = 3 * nbytes / self.hw.memory_bandwidth
+        return {k: (0.0, elem) for k in ("F", "B", "W")}
+
+    def _head_times(self) -> dict[str, float]:
+        out = {k: self._scaled(v) for k, v in self.head_parts().items()}
+        # The vocabulary-parallel loss agrees on each token's maximum logit, then on the sums
+        # of exponentials and the target logits: two all-reduces of a few numbers per token.
+        nbytes = 2 * self.cfg.microbatch_size * self.seq * self.dtype_bytes
+        out["F"] += 2 * self.tp_link.all_reduce_time(nbytes, self.cfg.tp)
+        return out
 
     def _embed_times(self) -> dict[str, float]:
-        m, b = self.model, self.cfg.microbatch_size
-        nbytes = b * self.seq * m.hidden * self.dtype_bytes
+        nbytes = self.cfg.microbatch_size * self.seq * self.model.hidden * self.dtype_bytes
         comm = self.tp_link.all_reduce_time(nbytes, self.cfg.tp)  # vocab-parallel embedding
-        elem = 3 * nbytes / self.hw.memory_bandwidth * self.hw.compute_scale_at(b * self.seq)
-        return {"F": elem + comm, "B": elem, "W": elem}
+        out = {k: self._scaled(v) for k, v in self.embed_parts().items()}
+        out["F"] += comm
+        return out
 
     @cached_property
     def _stage_times(self) -> list[dict[str, float]]:
@@ -285,13 +317,23 @@ class CostModel:
         nbytes = self.rank_params(rank) * self.dtype_bytes
         t = self.dp_link.all_reduce_time(nbytes, self.cfg.dp)
         if self.hw.shared_cores and self.cfg.dp > 1:
-            # On CPU the reduction and the bucket packing (pack, unpack, average: three passes
-            # over the gradients) run on the cores that compute, so none of it hides.
-            t += 3 * nbytes / self.hw.memory_bandwidth
+            # On CPU the reduction and the bucket's two passes over the gradients (copying them
+            # into the bucket, averaging; each reads and writes every byte) run on the cores
+            # that compute, so none of it hides.
+            t += 2 * 2 * nbytes / self.hw.memory_bandwidth
         return t * (self.slowdown if self.hw.shared_cores else 1.0)
 
     def optimizer_time(self, rank: int = 0) -> float:
-        return self.hw.optimizer_time(self.rank_params(rank)) * self.slowdown
+        """Global-norm clipping (a one-number all-reduce over each of the tensor and pipeline
+        groups that has more than one rank, and the data-parallel mean of the loss) and the
+        optimizer step of pipeline rank ``rank``."""
+        norms = sum(
+            link.all_reduce_time(8, n)
+            for link, n in ((self.tp_link, self.cfg.tp), (self.dp_link, self.cfg.dp))
+        )
+        if self.cfg.pp > 1:
+            norms += self.pp_link(0, self.cfg.num_stages - 1).all_reduce_time(8, self.cfg.pp)
+        return (self.hw.optimizer_time(self.rank_params(rank)) + norms) * self.slowdown
 
     def step_flops_per_gpu(self) -> float:
         """Hardware FLOPs one device executes per step (recomputation included)."""

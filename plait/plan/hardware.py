@@ -99,10 +99,19 @@ class HardwareSpec:
         attention_rate: measured attention FLOP/s (``local``).
         shared_cores: all devices of a job share this many cores (``local``: worker processes on
             one CPU), so more workers than cores slow each other down; 0 for independent devices.
+        straggler_factor: how much slower than its average worker a job runs whose workers wait
+            for one another every step: on a shared machine identical worker processes differ
+            by several per cent, and the slowest sets the pace (``local``: the slower of the
+            calibration's two workers over their mean; 1.0 for data-sheet presets).
         compute_scale: measured time of a real transformer layer's forward and backward over the
             cost model's estimate from the rates above (``local``; 1.0 for data-sheet presets);
             ``compute_scale_by_tokens`` gives it per micro-batch size in tokens, since small
-            micro-batches run less efficiently.
+            micro-batches run less efficiently. It scales the work tensor parallelism divides
+            (matrix multiplies, the attention core).
+        elementwise_scale_by_tokens: the same for the rest of a layer (norms, activations,
+            residual adds, per-kernel overheads), which shrinks far less than ``1/tp`` when a
+            layer is split; empty means ``compute_scale``. ``local`` separates the two by timing
+            the layer at its full width and at half width.
         source: where the numbers come from.
     """
 
@@ -123,22 +132,20 @@ class HardwareSpec:
     gemm_rates: tuple[tuple[float, float], ...] = field(default_factory=tuple)
     attention_rate: float | None = None
     shared_cores: int = 0
+    straggler_factor: float = 1.0
     compute_scale: float = 1.0
     compute_scale_by_tokens: tuple[tuple[float, float], ...] = ()
+    elementwise_scale_by_tokens: tuple[tuple[float, float], ...] = ()
     source: str = ""
 
     def compute_scale_at(self, tokens: float) -> float:
         """:attr:`compute_scale` for a micro-batch of ``tokens`` (interpolated in log tokens)."""
-        pts = self.compute_scale_by_tokens
-        if not pts:
-            return self.compute_scale
-        if tokens <= pts[0][0]:
-            return pts[0][1]
-        for (t0, s0), (t1, s1) in zip(pts, pts[1:]):
-            if tokens <= t1:
-                x = (math.log(tokens) - math.log(t0)) / (math.log(t1) - math.log(t0))
-                return s0 + (s1 - s0) * x
-        return pts[-1][1]
+        return _interp_log(self.compute_scale_by_tokens, tokens, self.compute_scale)
+
+    def elementwise_scale_at(self, tokens: float) -> float:
+        """The scale of a layer's element-wise work and kernel overheads at ``tokens``."""
+        pts = self.elementwise_scale_by_tokens
+        return _interp_log(pts, tokens, 0.0) if pts else self.compute_scale_at(tokens)
 
     def flops(self, dtype: str = "bf16") -> float:
         """Peak FLOP/s in ``dtype``."""
@@ -212,8 +219,21 @@ class HardwareSpec:
             link["all_reduce_curve"] = tuple(tuple(x) for x in link.get("all_reduce_curve", ()))
             d[k] = Link(**link)
         d["gemm_rates"] = tuple(tuple(x) for x in d.get("gemm_rates", ()))
-        d["compute_scale_by_tokens"] = tuple(tuple(x) for x in d.get("compute_scale_by_tokens", ()))
+        for k in ("compute_scale_by_tokens", "elementwise_scale_by_tokens"):
+            d[k] = tuple(tuple(x) for x in d.get(k, ()))
         return cls(**d)
+
+
+def _interp_log(pts: tuple[tuple[float, float], ...], x: float, default: float) -> float:
+    """``pts`` (sorted ``(x, y)`` pairs) read at ``x``, linearly in ``log x``, flat past the ends."""
+    if not pts:
+        return default
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            return y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return pts[-1][1]
 
 
 _NVSWITCH_A100 = Link("nvswitch", 230 * GB, 4e-6)
