@@ -99,6 +99,11 @@ def test_data_parallel_matches_single_process(corpus, single):
     assert_close(losses(hist), single)
     assert hist[0]["comm_bytes"]["dp"] > 0
     assert len(hist[0]["peak_rss_mb_per_rank"]) == 2
+    for r in hist:  # the phases are disjoint parts of rank 0's step
+        phases = r["phase_s"]
+        assert set(phases) == {"forward_backward", "dp_sync_wait", "update"}
+        assert all(v >= 0 for v in phases.values())
+        assert sum(phases.values()) <= r["step_time_s"]
 
 
 @pytest.mark.slow
