@@ -128,3 +128,27 @@ def test_analytic_matches_simulation_for_real_costs():
         sim = simulate_config(cm)
         t, bubble = _analytic_pipeline(cm)
         assert t == pytest.approx(sim.pipeline_time, rel=0.05), sched
+
+
+@pytest.mark.parametrize(
+    "schedule,p,m", [("zb-v", 4, 40), ("zb-h1", 8, 64), ("interleaved-1f1b", 4, 30)]
+)
+def test_extrapolated_simulation_matches_the_whole_one(monkeypatch, schedule, p, m):
+    import sys
+
+    from plait.plan.evaluate import can_extrapolate, evaluate
+
+    ev = sys.modules["plait.plan.evaluate"]
+    v = 2 if schedule != "zb-h1" else 1
+    cfg = ParallelConfig(8, 8, p, 1, m, schedule, v, "selective", True)
+    model, hw = get_model("gpt3-175b"), get_hardware("a100-80gb")
+    whole = evaluate(model, hw, cfg, 2048)
+    assert whole.method == "simulated"
+    # Make this size "too big" so that the planner simulates 2p and 3p micro-batches instead.
+    monkeypatch.setattr(ev, "GREEDY_MAX_SIZE", p * v * (3 * p + m % p))
+    monkeypatch.setattr(ev, "EXTRAPOLATE_MAX_SIZE", p * v * (3 * p + m % p))
+    assert can_extrapolate(cfg)
+    short = evaluate(model, hw, cfg, 2048)
+    assert short.method.startswith("simulated at")
+    assert short.step_time_s == pytest.approx(whole.step_time_s, rel=5e-3)
+    assert short.bubble_fraction == pytest.approx(whole.bubble_fraction, abs=5e-3)

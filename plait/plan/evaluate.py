@@ -16,7 +16,7 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from plait.pipeline.schedule import Action, Kind, Schedule
@@ -28,25 +28,87 @@ from plait.plan.model_spec import ModelSpec
 from plait.plan.simulator import SimResult, simulate
 from plait.trace import Event
 
-__all__ = ["Estimate", "evaluate", "get_schedule", "simulate_config", "can_simulate"]
+__all__ = [
+    "Estimate",
+    "evaluate",
+    "get_schedule",
+    "simulate_config",
+    "can_simulate",
+    "can_extrapolate",
+]
 
 # Above this many compute actions a schedule is costed by formula (simulating it would take
 # seconds; the formulas match the simulator closely for uniform stages).
 SIMULATE_MAX_ACTIONS = 40_000
 # The list-scheduling generators (zero-bubble, and interleaved when m is not a multiple of p) take
-# time roughly cubic in p * m; above this size they are costed by formula too.
-GREEDY_MAX_SIZE = 256
+# time growing faster than p * m * v (0.2 s at 2048 on the development machine); above this size
+# the schedule is simulated with fewer micro-batches and its steady state extended (see
+# :func:`_extrapolated`), or, where even that is too big, costed by formula.
+GREEDY_MAX_SIZE = 2048
+# Extrapolation simulates two short runs whose schedules are shared by every configuration with
+# the same stage count (and remainder), so it may go further.
+EXTRAPOLATE_MAX_SIZE = 8192
 
 
-def can_simulate(cfg: ParallelConfig) -> bool:
-    """Whether :func:`evaluate` simulates ``cfg`` (else it uses the closed forms)."""
+def _greedy(cfg: ParallelConfig) -> bool:
+    return cfg.schedule in ("zb-h1", "zb-v") or (
+        cfg.schedule == "interleaved-1f1b" and cfg.num_microbatches % cfg.pp != 0
+    )
+
+
+def can_simulate(cfg: ParallelConfig, greedy_max: int | None = None) -> bool:
+    """Whether :func:`evaluate` simulates ``cfg`` whole (else it extrapolates a shorter
+    simulation, or uses the closed forms)."""
     p, m, v = cfg.pp, cfg.num_microbatches, cfg.virtual
     if cfg.num_stages * m * 3 > SIMULATE_MAX_ACTIONS:
         return False
-    greedy = cfg.schedule in ("zb-h1", "zb-v") or (
-        cfg.schedule == "interleaved-1f1b" and m % p != 0
+    return not _greedy(cfg) or p * m * v <= (GREEDY_MAX_SIZE if greedy_max is None else greedy_max)
+
+
+def _short_counts(cfg: ParallelConfig) -> tuple[int, int]:
+    """The two shorter micro-batch counts :func:`_extrapolated` simulates: ``2p`` and ``3p`` plus
+    ``m mod p``, so that a generator that treats counts not a multiple of ``p`` differently builds
+    the same kind of schedule as for ``m``."""
+    p, r = cfg.pp, cfg.num_microbatches % cfg.pp
+    return 2 * p + r, 3 * p + r
+
+
+def can_extrapolate(cfg: ParallelConfig) -> bool:
+    """Whether ``cfg`` is too big to simulate whole but shorter runs of its schedule are not
+    (see :func:`_extrapolated`)."""
+    m2 = _short_counts(cfg)[1]
+    short = replace(cfg, num_microbatches=m2)
+    return (
+        cfg.pp > 1
+        and cfg.num_microbatches > m2
+        and not can_simulate(cfg)
+        and can_simulate(short, EXTRAPOLATE_MAX_SIZE)
     )
-    return not greedy or p * m * v <= GREEDY_MAX_SIZE
+
+
+def _extrapolated(cm: CostModel) -> SimResult:
+    """Simulate the schedule with about ``2p`` and ``3p`` micro-batches (:func:`_short_counts`)
+    and extend to ``m``: past the warm-up every further micro-batch adds the same time to each
+    rank (the steady state), so the difference of the two runs gives it. The timeline and the
+    activations held are the longer run's (in-flight counts stop growing once the pipeline is
+    full)."""
+    cfg = cm.cfg
+    p, m, v = cfg.pp, cfg.num_microbatches, cfg.virtual
+    m1, m2 = _short_counts(cfg)
+    s1 = simulate(get_schedule(cfg.schedule, p, m1, v), cm)
+    s2 = simulate(get_schedule(cfg.schedule, p, m2, v), cm)
+    k = (m - m2) / (m2 - m1)
+    pipe = s2.pipeline_time + k * (s2.pipeline_time - s1.pipeline_time)
+    ends = [e2 + k * (e2 - e1) for e1, e2 in zip(s1.rank_end, s2.rank_end)]
+    busy = (1.0 - s2.bubble_fraction) * p * s2.pipeline_time * m / m2  # rank-seconds computing
+    return SimResult(
+        s2.timeline,
+        pipe,
+        1.0 - busy / (p * pipe),
+        s2.peak_in_flight,
+        s2.peak_activation_bytes,
+        ends,
+    )
 
 
 @dataclass
@@ -170,11 +232,13 @@ def evaluate(
     """Predict one training step of ``cfg``; see the module docstring."""
     cm = CostModel(model, hw, cfg, seq, flash_attention=flash_attention)
     sim = None
-    if simulate and can_simulate(cfg):
-        sim = simulate_config(cm)
+    if simulate and (can_simulate(cfg) or can_extrapolate(cfg)):
+        whole = can_simulate(cfg)
+        sim = simulate_config(cm) if whole else _extrapolated(cm)
         pipe, bubble = sim.pipeline_time, sim.bubble_fraction
         in_flight = sim.peak_in_flight
-        method = "simulated"
+        m1, m2 = _short_counts(cfg)
+        method = "simulated" if whole else f"simulated at {m1} and {m2} micro-batches, extended"
     else:
         pipe, bubble = _analytic_pipeline(cm)
         in_flight = analytic_in_flight(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.virtual)
