@@ -114,6 +114,14 @@ def test_published_throughput_within_15pct_and_planner_at_least_as_fast(rows):
         assert mine.step_time_s <= pred.step_time_s * 1.001, row["params_b"]
 
 
+def test_70b_training_on_8_gpus_is_refused_with_the_numbers():
+    # 70.6B parameters x 16 bytes of weights, gradients and Adam states = 1,129 GB, against
+    # 8 x 78 GB: no mix of strategies trains it on one node, so the 8-GPU verdict is for serving.
+    res = search(get_model("llama3-70b"), get_hardware("h100-sxm"), 8, 64)
+    with pytest.raises(ValueError, match=r"1,129 GB .* 624 GB on all 8 GPUs; .* at least 15 GPUs"):
+        res.best
+
+
 def test_70b_on_8_gpus_tensor_on_nvlink_shifts_to_pipeline_on_pcie():
     model = get_model("llama2-70b")
     sxm = plan_inference(model, get_hardware("h100-sxm"), 8, rate=1.0, latency_s=30)

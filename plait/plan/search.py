@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from plait.plan.config import ParallelConfig, normalise_schedule
 from plait.plan.evaluate import Estimate, evaluate
 from plait.plan.hardware import HardwareSpec
+from plait.plan.memory import BYTES_PER_PARAM
 from plait.plan.model_spec import RECOMPUTE, ModelSpec
 
 __all__ = ["SearchResult", "search", "strategy_of", "STRATEGIES"]
@@ -59,10 +60,26 @@ class SearchResult:
     @property
     def best(self) -> Estimate:
         if not self.ranked:
+            params = self.model.num_parameters()
+            state = params * BYTES_PER_PARAM
+            usable = self.hw.usable_memory
+            if state > self.gpus * usable:
+                # Weights, gradients and optimizer states alone exceed every GPU's memory put
+                # together: no split of the work helps, and a smaller batch does not either.
+                need = math.ceil(state / usable)
+                hint = (
+                    f"its weights, gradients and Adam states alone take {state / 1e9:,.0f} GB "
+                    f"({BYTES_PER_PARAM} bytes x {params / 1e9:.1f}B parameters) "
+                    f"against {self.gpus * usable / 1e9:,.0f} GB on all {self.gpus} GPUs; "
+                    f"training needs at least {need} GPUs (more for activations), or serve it "
+                    f"with --inference"
+                )
+            else:
+                hint = "try more GPUs or a smaller global batch"
             raise ValueError(
                 f"no configuration of {self.model.name} fits {self.gpus} x {self.hw.name} "
-                f"({self.hw.usable_memory / 1e9:.0f} GB usable each) with global batch "
-                f"{self.global_batch}; try more GPUs or a smaller global batch"
+                f"({usable / 1e9:.0f} GB usable each) with global batch {self.global_batch}; "
+                + hint
             )
         return self.ranked[0]
 
