@@ -119,7 +119,7 @@ def test_70b_training_on_8_gpus_is_refused_with_the_numbers():
     # 8 x 78 GB: no mix of strategies trains it on one node, so the 8-GPU verdict is for serving.
     res = search(get_model("llama3-70b"), get_hardware("h100-sxm"), 8, 64)
     with pytest.raises(ValueError, match=r"1,129 GB .* 624 GB on all 8 GPUs; .* at least 15 GPUs"):
-        res.best
+        _ = res.best
 
 
 def test_70b_on_8_gpus_tensor_on_nvlink_shifts_to_pipeline_on_pcie():
