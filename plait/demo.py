@@ -8,6 +8,7 @@ strategy 2 workers allow, and names the folder with the pictures it drew.
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
@@ -85,6 +86,12 @@ def run_demo(
     first = sum(r["loss"] for r in hist[:3]) / 3
     last = sum(r["loss"] for r in hist[-3:]) / 3
     print(f"   loss {first:.3f} -> {last:.3f} (mean of the first and last 3 steps)")
+    measured = statistics.median(r["step_time_s"] for r in hist[2:] or hist)  # after warm-up
+    predicted = res.best.step_time_s
+    print(
+        f"   median step {measured:.3f} s against the predicted {predicted:.3f} s "
+        f"({predicted / measured - 1:+.0%})"
+    )
 
     print(f"\n4. Measuring every strategy {workers} workers allow, beside the prediction:")
     report = compare(

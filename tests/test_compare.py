@@ -74,3 +74,16 @@ def test_compare_runs_end_to_end(tmp_path, mode):
         for path in report["timelines"].values():
             assert open(path, "rb").read(4) == b"\x89PNG"
     assert open(report["chart"], "rb").read(4) == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_demo_runs_every_part_and_draws_its_pictures(tmp_path, capsys):
+    from plait.demo import run_demo
+
+    assert run_demo(out_dir=str(tmp_path), steps=4) == 0
+    out = capsys.readouterr().out
+    for part in ("1. Calibrating", "2. The verdict", "3. Training the chosen", "4. Measuring"):
+        assert part in out
+    assert "median step" in out and "against the predicted" in out
+    assert (tmp_path / "timeline-chosen.png").stat().st_size > 0
+    assert (tmp_path / "compare" / "compare-train.png").stat().st_size > 0
