@@ -51,7 +51,12 @@ def run_cases(mesh_shape: tuple[int, int, int], cases: list[dict]) -> list[dict]
         stages = partition(model, sched.num_stages, balance=case.get("balance", "layers"))
         mine = {s: stages[s] for s in sched.stages_of(mesh.pp_rank)}
         rt = PipelineRuntime(
-            mine, sched, mesh, Transformer.loss, checkpoint=case.get("checkpoint", False)
+            mine,
+            sched,
+            mesh,
+            Transformer.loss,
+            checkpoint=case.get("checkpoint", False),
+            prefetch=case.get("prefetch"),
         )
         params = {n: q for s in mine.values() for n, q in s.named_parameters()}
         losses, grads = [], []

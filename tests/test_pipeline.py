@@ -204,11 +204,13 @@ def test_p4_every_schedule_matches_single_process_and_m_below_p_runs():
     cases = [dict(name=n, v=v, m=8, steps=steps) for n, v in SCHEDULE_CASES]
     # m < p: fewer micro-batches than ranks still runs (and matches), never hangs
     cases += [dict(name=n, v=v, m=2, steps=steps[:1]) for n, v in SCHEDULE_CASES]
+    # every way of posting receives (gloo's default posts them all at the step's start)
+    cases += [dict(name="zb-v", v=2, m=8, steps=steps, prefetch=k) for k in ("timed", 0, 2)]
     t0 = time.monotonic()
     results = launch(W.run_cases, 4, (1, 4, 1), cases, threads_per_worker=1, timeout=60)
     assert time.monotonic() - t0 < 120
     _check_cases(results)
-    for ci in range(len(SCHEDULE_CASES), len(cases)):
+    for ci in range(len(SCHEDULE_CASES), 2 * len(SCHEDULE_CASES)):
         assert max(r[ci]["seconds"] for r in results) < 10
 
 
@@ -240,3 +242,10 @@ def test_1f1b_holds_at_most_p_micro_batches_where_gpipe_holds_m():
 
 def test_worker_error_type_is_exported():
     assert issubclass(WorkerError, RuntimeError)
+
+
+def test_prefetch_must_name_a_policy():
+    (stage,) = partition(Transformer(W.CFG, seed=0), 1)
+    sched = build_schedule("1f1b", 1, 2)
+    with pytest.raises(ValueError, match=r"prefetch='soon' is not valid; use 'all', 'timed'"):
+        PipelineRuntime({0: stage}, sched, prefetch="soon")
