@@ -60,6 +60,14 @@ def _add_train(sub) -> None:
         help="model chunks per pipeline rank (default 2 for interleaved-1f1b and zb-v, else 1)",
     )
     mesh.add_argument(
+        "--schedule-costs",
+        type=_costs,
+        default=None,
+        metavar="F,B,W",
+        help="relative durations of forward, input-backward and weight-backward that the "
+        "zero-bubble generators order by (plait plan prints the ones it assumed); default equal",
+    )
+    mesh.add_argument(
         "--balance", default="layers", help="how to cut stages: layers, params or time"
     )
     mesh.add_argument(
@@ -137,6 +145,19 @@ def _cmd_train(args) -> int:
             f"loss {first:.4f} -> {last:.4f} over steps {history[0]['step']}..{history[-1]['step']}"
         )
     return 0
+
+
+def _costs(text: str) -> tuple[float, float, float]:
+    """``"1,1.2,0.7"`` -> ``(1.0, 1.2, 0.7)``: three positive numbers."""
+    try:
+        vals = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        vals = ()
+    if len(vals) != 3 or not all(v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not three positive numbers F,B,W (for example 1,1.2,0.7)"
+        )
+    return vals
 
 
 def _add_demo(sub) -> None:

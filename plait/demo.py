@@ -24,6 +24,7 @@ def _settings(est) -> dict:
         "tp": c.tp,
         "schedule": c.schedule if c.pp > 1 else "1f1b",
         "virtual": c.virtual if c.pp > 1 else None,
+        "schedule_costs": est.schedule_costs if c.pp > 1 else None,
         "microbatches": c.num_microbatches,
         "sequence_parallel": c.sp and c.tp > 1,
         "activation_checkpointing": c.recompute == "full",

@@ -80,6 +80,7 @@ class TrainConfig:
     schedule: str = "1f1b"
     microbatches: int | None = None
     virtual: int | None = None
+    schedule_costs: tuple[float, float, float] | None = None
     balance: str = "layers"
     activation_checkpointing: bool = False
     sequence_parallel: bool = False

@@ -40,7 +40,9 @@ def validate_parallel(cfg, mcfg: ModelConfig) -> None:
         from plait.pipeline import build_schedule, partition
         from plait.pipeline import validate as validate_schedule
 
-        schedule = build_schedule(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.num_virtual)
+        schedule = build_schedule(
+            cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.num_virtual, cfg.schedule_costs
+        )
         validate_schedule(schedule)
         partition(model, schedule.num_stages, cfg.balance)
 
@@ -134,7 +136,9 @@ def build_local(full: Transformer, mesh: Mesh, cfg) -> LocalModel:
 
     from plait.pipeline import PipelineRuntime, build_schedule, partition
 
-    schedule = build_schedule(cfg.schedule, mesh.size("pp"), cfg.num_microbatches, cfg.num_virtual)
+    schedule = build_schedule(
+        cfg.schedule, mesh.size("pp"), cfg.num_microbatches, cfg.num_virtual, cfg.schedule_costs
+    )
     all_stages = partition(full, schedule.num_stages, cfg.balance)
     stages = {s: all_stages[s] for s in schedule.stages_of(mesh.pp_rank)}
     if tp > 1:

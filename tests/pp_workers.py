@@ -46,7 +46,7 @@ def run_cases(mesh_shape: tuple[int, int, int], cases: list[dict]) -> list[dict]
     out = []
     for case in cases:
         p = mesh.size("pp")
-        sched = build_schedule(case["name"], p, case["m"], case.get("v"))
+        sched = build_schedule(case["name"], p, case["m"], case.get("v"), case.get("costs"))
         model = Transformer(CFG, seed=0).double()
         stages = partition(model, sched.num_stages, balance=case.get("balance", "layers"))
         mine = {s: stages[s] for s in sched.stages_of(mesh.pp_rank)}

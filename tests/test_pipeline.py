@@ -206,6 +206,11 @@ def test_p4_every_schedule_matches_single_process_and_m_below_p_runs():
     cases += [dict(name=n, v=v, m=2, steps=steps[:1]) for n, v in SCHEDULE_CASES]
     # every way of posting receives (gloo's default posts them all at the step's start)
     cases += [dict(name="zb-v", v=2, m=8, steps=steps, prefetch=k) for k in ("timed", 0, 2)]
+    # schedules built for unequal F, B, W times (plait train --schedule-costs)
+    cases += [
+        dict(name="zb-v", v=2, m=8, steps=steps, costs=(1.0, 1.18, 0.7)),
+        dict(name="zb-h1", m=8, steps=steps, costs=(1.0, 1.5, 0.5)),
+    ]
     t0 = time.monotonic()
     results = launch(W.run_cases, 4, (1, 4, 1), cases, threads_per_worker=1, timeout=60)
     assert time.monotonic() - t0 < 120

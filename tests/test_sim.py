@@ -152,3 +152,24 @@ def test_extrapolated_simulation_matches_the_whole_one(monkeypatch, schedule, p,
     assert short.method.startswith("simulated at")
     assert short.step_time_s == pytest.approx(whole.step_time_s, rel=5e-3)
     assert short.bubble_fraction == pytest.approx(whole.bubble_fraction, abs=5e-3)
+
+
+def test_planner_builds_zero_bubble_schedules_for_its_costs_and_says_so():
+    from plait.plan import explain, search
+    from plait.plan.evaluate import evaluate, get_schedule
+
+    model, hw = get_model("gpt3-175b"), get_hardware("a100-80gb")
+    zb = evaluate(model, hw, ParallelConfig(8, 8, 4, 1, 16, "zb-v", 2, "selective", True), 2048)
+    f, b, w = zb.schedule_costs
+    assert f == 1.0 and w < 1.0 < b  # weight gradients cheaper than forwards, input ones dearer
+    assert zb.to_dict()["schedule_costs"] == [f, b, w]
+    cm = CostModel(model, hw, zb.config, 2048)
+    fitted = simulate(get_schedule("zb-v", 4, 16, 2, zb.schedule_costs), cm).pipeline_time
+    assert fitted < simulate(get_schedule("zb-v", 4, 16, 2), cm).pipeline_time
+    assert zb.pipeline_time_s == pytest.approx(fitted)  # what the planner predicts is that one
+    plain = evaluate(model, hw, ParallelConfig(8, 8, 4, 1, 16, "1f1b", 1, "selective", True), 2048)
+    assert plain.schedule_costs is None  # fixed-pattern schedules take no costs
+    res = search(get_model("llama3-70b"), get_hardware("h100-sxm"), 64, 512, schedules=["zb-v"])
+    assert res.best.config.schedule == "zb-v"
+    f, b, w = res.best.schedule_costs
+    assert f"plait train --schedule-costs {f:g},{b:g},{w:g}" in explain(res)

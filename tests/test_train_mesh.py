@@ -74,6 +74,15 @@ def test_every_schedule_at_pp2_matches_single_process_f64(corpus, schedule, sing
     assert_close(losses(train(cfg(corpus, **kw))), single_4_layers_f64, rtol=1e-9)
 
 
+@pytest.mark.slow
+def test_zero_bubble_built_for_measured_costs_matches_single_process_f64(
+    corpus, single_4_layers_f64
+):
+    kw = dict(n_layers=4, steps=6, dtype="float64", pp=2, schedule="zb-v", microbatches=4)
+    hist = train(cfg(corpus, schedule_costs=(1.0, 1.18, 0.7), **kw))
+    assert_close(losses(hist), single_4_layers_f64, rtol=1e-9)
+
+
 @pytest.fixture(scope="module")
 def single_4_layers(corpus):
     return losses(train(cfg(corpus, n_layers=4)))

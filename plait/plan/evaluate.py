@@ -35,6 +35,7 @@ __all__ = [
     "simulate_config",
     "can_simulate",
     "can_extrapolate",
+    "schedule_costs",
 ]
 
 # Above this many compute actions a schedule is costed by formula (simulating it would take
@@ -95,8 +96,9 @@ def _extrapolated(cm: CostModel) -> SimResult:
     cfg = cm.cfg
     p, m, v = cfg.pp, cfg.num_microbatches, cfg.virtual
     m1, m2 = _short_counts(cfg)
-    s1 = simulate(get_schedule(cfg.schedule, p, m1, v), cm)
-    s2 = simulate(get_schedule(cfg.schedule, p, m2, v), cm)
+    costs = schedule_costs(cm)
+    s1 = simulate(get_schedule(cfg.schedule, p, m1, v, costs), cm)
+    s2 = simulate(get_schedule(cfg.schedule, p, m2, v, costs), cm)
     k = (m - m2) / (m2 - m1)
     pipe = s2.pipeline_time + k * (s2.pipeline_time - s1.pipeline_time)
     ends = [e2 + k * (e2 - e1) for e1, e2 in zip(s1.rank_end, s2.rank_end)]
@@ -130,6 +132,7 @@ class Estimate:
     tokens_per_s: float
     method: str
     sim: SimResult | None = field(default=None, repr=False)
+    schedule_costs: tuple[float, float, float] | None = None
 
     @property
     def fits(self) -> bool:
@@ -165,13 +168,16 @@ class Estimate:
             "tp_comm_share": self.tp_comm_share,
             "memory": self.memory.to_dict(),
             "method": self.method,
+            "schedule_costs": list(self.schedule_costs) if self.schedule_costs else None,
         }
 
 
 @lru_cache(maxsize=64)
-def get_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
+def get_schedule(
+    name: str, p: int, m: int, v: int = 1, costs: tuple[float, float, float] | None = None
+) -> Schedule:
     """The schedule the runtime would run (``none``: one rank, forward then backward per
-    micro-batch, i.e. gradient accumulation)."""
+    micro-batch, i.e. gradient accumulation), built for ``costs`` (see :func:`schedule_costs`)."""
     if name == "none":
         acts = []
         for i in range(m):
@@ -179,7 +185,20 @@ def get_schedule(name: str, p: int, m: int, v: int = 1) -> Schedule:
         return Schedule("none", 1, 1, m, [0], [acts])
     from plait.pipeline.generators import build_schedule
 
-    return build_schedule(name, p, m, v if name == "interleaved-1f1b" else None)
+    return build_schedule(name, p, m, v if name == "interleaved-1f1b" else None, costs)
+
+
+def schedule_costs(cm: CostModel) -> tuple[float, float, float] | None:
+    """The relative ``(F, B, W)`` durations a list-scheduled configuration's schedule is built
+    for (``plait train --schedule-costs``): the cost model's mean over stages, F = 1, rounded to
+    hundredths so that near-equal models share one schedule. None for fixed-pattern schedules."""
+    if not _greedy(cm.cfg):
+        return None
+    n = cm.cfg.num_stages
+    f, b, w = (sum(cm.compute(k, s) for s in range(n)) / n for k in ("F", "B", "W"))
+    if f <= 0:
+        return None
+    return (1.0, round(b / f, 2) or 0.01, round(w / f, 2) or 0.01)
 
 
 def _analytic_pipeline(cm: CostModel) -> tuple[float, float]:
@@ -217,7 +236,9 @@ def _analytic_pipeline(cm: CostModel) -> tuple[float, float]:
 def simulate_config(cm: CostModel) -> SimResult:
     """Simulate one pipeline replica of ``cm.cfg`` with its costs."""
     cfg = cm.cfg
-    sched = get_schedule(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.virtual)
+    sched = get_schedule(
+        cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.virtual, schedule_costs(cm)
+    )
     return simulate(sched, cm)
 
 
@@ -275,5 +296,6 @@ def evaluate(
         p2p_time_s=p2p,
         tokens_per_s=cfg.global_batch * cm.seq / step,
         method=method,
+        schedule_costs=schedule_costs(cm),
         sim=sim,
     )

@@ -105,6 +105,12 @@ def explain(res: SearchResult) -> str:
     if c.recompute != "none":
         why.append(f"{c.recompute} recomputation is the cheapest that fits memory")
     lines.append("  Why: " + "; ".join(why) + "." if why else "  Why: one device does it all.")
+    if b.schedule_costs and b.method != "analytic":
+        f, bw, w = b.schedule_costs
+        lines.append(
+            f"  Its schedule is built for forward : input-backward : weight-backward = "
+            f"{f:g} : {bw:g} : {w:g} (plait train --schedule-costs {f:g},{bw:g},{w:g})."
+        )
     for name, e in res.by_strategy.items():
         if name == fam:
             continue
