@@ -46,8 +46,8 @@ SIMULATE_MAX_ACTIONS = 40_000
 # the schedule is simulated with fewer micro-batches and its steady state extended (see
 # :func:`_extrapolated`), or, where even that is too big, costed by formula.
 GREEDY_MAX_SIZE = 2048
-# Extrapolation simulates two short runs whose schedules are shared by every configuration with
-# the same stage count (and remainder), so it may go further.
+# Extrapolation simulates two short runs, whose schedules are cached and shared by every
+# configuration with the same stage count, remainder and costs, so it may go further.
 EXTRAPOLATE_MAX_SIZE = 8192
 
 
