@@ -55,6 +55,9 @@ class GradSync:
         self.buckets: list[list[nn.Parameter]] = []
         current, size = [], 0
         for p in reversed(self.params):
+            if current and (p.dtype, p.device) != (current[0].dtype, current[0].device):
+                self.buckets.append(current)  # one buffer holds one dtype on one device
+                current, size = [], 0
             current.append(p)
             size += p.numel() * p.element_size()
             if size >= bucket_bytes:

@@ -71,6 +71,21 @@ def mesh_groups(dp: int, pp: int, tp: int):
     }
 
 
+def grad_sync_mixed_dtypes():
+    """GradSync over parameters of two dtypes: each gradient comes back averaged, in its own
+    dtype."""
+    from plait.grads import GradSync
+
+    a = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
+    b = torch.nn.Parameter(torch.ones(2, dtype=torch.float32))
+    sync = GradSync([a, b], dist.group.WORLD)
+    sync.prepare(accumulations=1)
+    r = float(dist.get_rank())
+    ((a * (r + 1)).sum() + (b * (r + 2)).sum()).backward()
+    sync.finish()
+    return len(sync.buckets), a.grad.dtype, a.grad.tolist(), b.grad.dtype, b.grad.tolist()
+
+
 def grad_sync_steps(set_to_none: bool):
     """Two steps of a tiny model under GradSync (buckets small enough to make several), two
     micro-batches each; returns, per step, each parameter's synced gradient, this rank's own
