@@ -210,6 +210,17 @@ def test_cli_plan_json_and_given_config(capsys):
     given = json.loads(capsys.readouterr().out)
     assert (given["dp"], given["tp"], given["pp"], given["schedule"]) == (2, 4, 2, "1f1b")
     assert given["step_time_s"] >= out["step_time_s"]
+    assert given["schedule_costs"] is None  # 1F1B is a fixed pattern
+
+
+def test_plan_given_zero_bubble_prints_the_costs_to_train_it_with(capsys):
+    args = "plan --model llama3-8b --hardware h100-sxm --gpus 16 --global-batch 64 --seq-len 4096"
+    args += " --dp 1 --tp 4 --pp 4 --microbatch-size 1 --schedule zb-v"
+    assert main(args.split()) == 0
+    out = capsys.readouterr().out
+    given = out.split("\nGiven ")[1]
+    assert "Its schedule is built for forward : input-backward : weight-backward = 1 :" in given
+    assert "(plait train --schedule-costs 1," in given
     assert (
         main(
             [

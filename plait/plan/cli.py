@@ -136,7 +136,7 @@ def _cmd_plan(args) -> int:
     from plait.plan.hardware import get_hardware
     from plait.plan.inference import plan_inference
     from plait.plan.search import search
-    from plait.plan.verdict import explain, format_table
+    from plait.plan.verdict import explain, format_table, schedule_costs_note
 
     model = _model(args)
     hw = get_hardware(args.hardware, refresh=args.recalibrate)
@@ -210,6 +210,9 @@ def _cmd_plan(args) -> int:
             f"{c.memory_gb_per_gpu:.1f} GB per GPU{'' if c.fits else ' — DOES NOT FIT'}; "
             f"the best found is {res.best.step_time_s / c.step_time_s:.2f}x its step time."
         )
+        note = schedule_costs_note(c)
+        if note:
+            print(note)
     print()
     print(explain(res))
     return 0

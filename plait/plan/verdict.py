@@ -73,6 +73,18 @@ def _rate(tflops: float) -> str:
     return f"{tflops:.0f} TFLOP/s" if tflops >= 10 else f"{tflops * 1e3:.1f} GFLOP/s"
 
 
+def schedule_costs_note(est: Estimate) -> str | None:
+    """For a list-scheduled (zero-bubble) estimate: the cost ratio its schedule was built for
+    and the ``plait train`` flag that builds the same one; None otherwise."""
+    if not est.schedule_costs or est.method == "analytic":
+        return None
+    f, b, w = est.schedule_costs
+    return (
+        f"Its schedule is built for forward : input-backward : weight-backward = "
+        f"{f:g} : {b:g} : {w:g} (plait train --schedule-costs {f:g},{b:g},{w:g})."
+    )
+
+
 def explain(res: SearchResult) -> str:
     """Why the best configuration wins and why each other family loses, with numbers."""
     b = res.best
@@ -105,12 +117,9 @@ def explain(res: SearchResult) -> str:
     if c.recompute != "none":
         why.append(f"{c.recompute} recomputation is the cheapest that fits memory")
     lines.append("  Why: " + "; ".join(why) + "." if why else "  Why: one device does it all.")
-    if b.schedule_costs and b.method != "analytic":
-        f, bw, w = b.schedule_costs
-        lines.append(
-            f"  Its schedule is built for forward : input-backward : weight-backward = "
-            f"{f:g} : {bw:g} : {w:g} (plait train --schedule-costs {f:g},{bw:g},{w:g})."
-        )
+    note = schedule_costs_note(b)
+    if note:
+        lines.append("  " + note)
     for name, e in res.by_strategy.items():
         if name == fam:
             continue
