@@ -10,9 +10,9 @@ order, which the validator has proved free of deadlock:
   end of the step, so compute never waits for a send;
 - RECV_* wait for an ``irecv`` posted earlier, so the sender finds the receive ready and its
   ``isend`` moves the data at once instead of waiting for the receiver (gloo moves data only when
-  both sides have posted): on gloo every receive of the step is posted at its start, elsewhere
-  each shortly before the sender is expected to send (from a unit-time run of the whole
-  schedule); see ``prefetch``. Receives from one rank are posted in list order, which is the
+  both sides have posted): on gloo every receive of the step is posted at the rank's first
+  receive (where it waits anyway), elsewhere each shortly before the sender is expected to send
+  (from a unit-time run of the whole schedule); see ``prefetch``. Receives from one rank are posted in list order, which is the
   order gloo and NCCL match them in.
 
 Each action's start and end (``time.perf_counter``) is recorded: :attr:`PipelineRuntime.timeline`.
@@ -150,8 +150,9 @@ class PipelineRuntime:
             one); False refuses it with an error.
         prefetch: when each receive is posted. ``"timed"``: two compute actions before its
             sender is expected to send (from a unit-time run of the schedule); ``"all"``: every
-            receive of the step at its start (one buffer per receive for the whole step); an
-            integer k: k compute actions before the receive (0: at the receive). None (default)
+            receive of the step at the rank's first receive, where it waits anyway (one buffer
+            per receive for the whole step); an integer k: k compute actions before the receive
+            (0: at the receive). None (default)
             is ``"all"`` on gloo, where posting a receive while the same pair moves data waits
             for it (up to milliseconds each; posting them all while the pairs are idle made
             interleaved 1F1B 6% and 1F1B 2-3% faster on the 2-core development machine), and
@@ -602,6 +603,9 @@ class _Plan:
         self.recvs_by_source: dict[int, list[int]] = {}
         starts, sent = _unit_times(schedule) if prefetch == "timed" else ({}, {})
         computes: list[int] = []
+        first_recv = next(
+            (j for j, a in enumerate(actions) if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD)), None
+        )
         for j, a in enumerate(actions):
             if a.is_compute:
                 computes.append(j)
@@ -609,7 +613,9 @@ class _Plan:
             if a.kind not in (Kind.RECV_ACT, Kind.RECV_GRAD):
                 continue
             if prefetch == "all":
-                self.post_at[j] = 0
+                # at the rank's first receive, where it waits anyway: not before a compute that
+                # a peer is waiting for
+                self.post_at[j] = first_recv
             elif prefetch == "timed":
                 # a little before my first compute that starts once the sender has sent, at the
                 # latest at the receive itself
