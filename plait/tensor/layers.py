@@ -110,6 +110,20 @@ def _take(src: torch.Tensor, dim: int, start: int, stop: int, local: int) -> tor
     return out
 
 
+def _shaped_like(cls, linear: nn.Linear, group, kwargs: dict):
+    """A ``cls`` layer with ``linear``'s sizes, bias, dtype and device (weights not yet set)."""
+    w = linear.weight
+    return cls(
+        linear.in_features,
+        linear.out_features,
+        linear.bias is not None,
+        group=group,
+        device=w.device,
+        dtype=w.dtype,
+        **kwargs,
+    )
+
+
 class _CopyThenLinear(torch.autograd.Function):
     """``copy_to_region`` followed by a linear layer, with the all-reduce of the input gradient
     overlapped with the weight gradient (Megatron's async tensor-parallel all-reduce): the weight
@@ -237,15 +251,7 @@ class ColumnParallelLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, group, **kwargs) -> ColumnParallelLinear:
         """This rank's rows of an existing ``nn.Linear`` (same dtype and device)."""
         w = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            group=group,
-            device=w.device,
-            dtype=w.dtype,
-            **kwargs,
-        )
+        layer = _shaped_like(cls, linear, group, kwargs)
         local = layer.weight.shape[0]
         with torch.no_grad():
             layer.weight.copy_(_take(w, 0, layer.start, layer.stop, local))
@@ -332,15 +338,7 @@ class RowParallelLinear(nn.Module):
     def from_linear(cls, linear: nn.Linear, group, **kwargs) -> RowParallelLinear:
         """This rank's columns of an existing ``nn.Linear``; the bias is copied whole."""
         w = linear.weight
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            group=group,
-            device=w.device,
-            dtype=w.dtype,
-            **kwargs,
-        )
+        layer = _shaped_like(cls, linear, group, kwargs)
         with torch.no_grad():
             layer.weight.copy_(w[:, layer.start : layer.stop])
             if linear.bias is not None:
