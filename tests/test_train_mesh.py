@@ -10,8 +10,8 @@ import shutil
 
 import pytest
 
-from plait.checkpoint import latest_checkpoint
 from plait.train import TrainConfig, train
+from plait.train.checkpoint import latest_checkpoint
 
 RTOL = 1e-4
 
@@ -216,7 +216,7 @@ def test_trace_and_timeline_png_have_one_track_per_rank(corpus, tmp_path):
 def test_resume_restores_the_rng_state(corpus, tmp_path):
     import torch
 
-    from plait.checkpoint import checkpoint_keys, load_checkpoint
+    from plait.train.checkpoint import checkpoint_keys, load_checkpoint
 
     ck = tmp_path / "ck"
     train(cfg(corpus, steps=2, checkpoint_dir=str(ck), checkpoint_every=2))
@@ -240,7 +240,7 @@ def test_checkpointed_blocks_keep_fewer_tensors_for_backward():
     from torch.autograd.graph import saved_tensors_hooks
 
     from plait.models import Transformer, get_config
-    from plait.train_parts import _checkpoint_blocks
+    from plait.train.parts import _checkpoint_blocks
 
     def saved(model):
         count = [0]

@@ -74,7 +74,7 @@ def mesh_groups(dp: int, pp: int, tp: int):
 def grad_sync_mixed_dtypes():
     """GradSync over parameters of two dtypes: each gradient comes back averaged, in its own
     dtype."""
-    from plait.grads import GradSync
+    from plait.train.grads import GradSync
 
     a = torch.nn.Parameter(torch.ones(3, dtype=torch.float64))
     b = torch.nn.Parameter(torch.ones(2, dtype=torch.float32))
@@ -90,7 +90,7 @@ def grad_sync_steps(set_to_none: bool):
     """Two steps of a tiny model under GradSync (buckets small enough to make several), two
     micro-batches each; returns, per step, each parameter's synced gradient, this rank's own
     gradient, and whether every ``.grad`` is a slice of a bucket buffer."""
-    from plait.grads import GradSync
+    from plait.train.grads import GradSync
 
     torch.manual_seed(0)  # same weights on every rank
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))

@@ -89,8 +89,8 @@ def _layer_timings() -> dict[str, float]:
 
     import torch
 
-    from plait.grads import clip_grad_norm
     from plait.models import Transformer, get_config
+    from plait.train.grads import clip_grad_norm
 
     models = {1: Transformer(get_config("small")), 2: Transformer(get_config("small"))}
     _narrow(models[2], 2)

@@ -34,6 +34,8 @@ __all__ = [
     "shard_dim",
     "gather_full",
     "take_shard",
+    "save_state",
+    "load_state",
 ]
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -167,3 +169,63 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- the training state's layout -----------------------------------------------------------
+
+_OPT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def save_state(directory, step, params, full_shapes, opt, mesh, owns) -> None:
+    """Every rank adds its stage's tensors, gathered over tp; optimizer state from its owner.
+
+    The step is the data position (batches are a function of seed and step); each rank's RNG
+    state is kept under its rank, for a resume on the same world size.
+    """
+    group = mesh.group("tp")
+    state: dict = {"step": step, f"rng.rank{mesh.rank}": torch.get_rng_state()}
+    for name, p in params.items():
+        state[f"model.{name}"] = gather_full(p.data, full_shapes[name], group)
+        st = opt.state.get(p, {}) if owns(name) else {}
+        for key in _OPT_KEYS:
+            if key in st:
+                state[f"optim.{name}.{key}"] = gather_full(st[key], full_shapes[name], group)
+        if "step" in st:
+            state[f"optim.{name}.step"] = st["step"].detach().clone()
+    save_checkpoint(directory, step, state)
+
+
+def load_state(path, params, full_shapes, opt, mesh, owns) -> int:
+    """Read this rank's tensors (in full) and keep its shard of each; any mesh shape works."""
+    state: dict = {"step": 0}
+    for name, p in params.items():
+        state[f"model.{name}"] = torch.empty(full_shapes[name], dtype=p.dtype)
+        if not owns(name):
+            continue
+        for key in _OPT_KEYS:
+            state[f"optim.{name}.{key}"] = torch.empty(full_shapes[name], dtype=p.dtype)
+        state[f"optim.{name}.step"] = torch.zeros((), dtype=torch.float32)
+    rng_key = f"rng.rank{mesh.rank}"
+    saved_world = sum(k.startswith("rng.rank") for k in checkpoint_keys(path))
+    same_world = saved_world == mesh.shape.world_size
+    if same_world:  # RNG streams belong to ranks: restored only on the same world size
+        state[rng_key] = torch.get_rng_state()
+    load_checkpoint(path, state)
+    if same_world:
+        torch.set_rng_state(state[rng_key])
+    tp_rank = mesh.tp_rank
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(take_shard(state[f"model.{name}"], tuple(p.shape), tp_rank))
+            if not owns(name):
+                continue
+            opt.state[p] = {
+                "step": state[f"optim.{name}.step"],
+                **{
+                    k: take_shard(state[f"optim.{name}.{k}"], tuple(p.shape), tp_rank).to(p.dtype)
+                    for k in _OPT_KEYS
+                },
+            }
+    return int(state["step"])
+
+

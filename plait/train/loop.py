@@ -1,0 +1,150 @@
+"""The training loop over a dp x pp x tp mesh: AdamW, clipping, checkpoints, metrics, timelines.
+
+``train(TrainConfig(...))`` runs on one process when ``dp * pp * tp == 1`` and otherwise launches
+that many local workers (or joins a torchrun job). Every rank runs :func:`run_rank`: it builds the
+full reference model from the seed (or loads it from a checkpoint), keeps and shards its own part
+(:mod:`plait.train.parts`), and then for each step
+
+1. takes its data-parallel slice of the global batch (batches depend only on seed and step),
+2. runs forward and backward over the micro-batches (a pipeline schedule when ``pp > 1``),
+3. averages gradients over the dp group (bucketed, overlapped with backward),
+4. clips by the global norm over all shards, and steps AdamW with a warmup + cosine schedule.
+
+Rank 0 writes the metrics (one JSON line per step), checkpoints are saved collectively, and the
+measured timeline of the last step can be written as a Chrome trace and a Gantt PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+import torch.distributed as dist
+
+from plait import comm
+from plait.alloc import peak_rss_mb, rss_mb
+from plait.data import ByteDataset
+from plait.launch import launch
+from plait.mesh import Mesh
+from plait.models import Transformer
+from plait.progress import progress_bar
+from plait.train.checkpoint import latest_checkpoint, load_state, save_state
+from plait.train.config import TrainConfig, lr_at
+from plait.train.grads import GradSync, clip_grad_norm
+from plait.train.metrics import busy, gather_record, mean_over, open_metrics, write_timeline
+from plait.train.parts import build_local
+from plait.train.zero import ZeroAdamW
+
+__all__ = ["train", "run_rank"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run training; returns the per-step metrics (as rank 0 recorded them)."""
+    cfg.validate()
+    if cfg.world_size == 1 and not (dist.is_available() and dist.is_initialized()):
+        return run_rank(cfg)
+    results = launch(run_rank, cfg.world_size, cfg, timeout=cfg.timeout)
+    return results[0]
+
+
+def run_rank(cfg: TrainConfig) -> list[dict] | None:
+    """The whole run on this rank (inside a launched worker, or the only process)."""
+    torch.manual_seed(cfg.seed)
+    rss_at_start = rss_mb()  # PyTorch's own footprint, so growth is what training holds
+    mesh = Mesh(cfg.dp, cfg.pp, cfg.tp)
+    rank0 = mesh.rank == 0
+    dtype = DTYPES[cfg.dtype]
+    data = ByteDataset.from_path(cfg.data, seed=cfg.seed)
+    full = Transformer(cfg.model_config(), seed=cfg.seed).to(dtype)
+    start_step, resume_from = 0, None
+    if cfg.resume:
+        resume_from = latest_checkpoint(cfg.checkpoint_dir)
+    full_shapes = {n: tuple(p.shape) for n, p in full.named_parameters()}
+    local = build_local(full, mesh, cfg)  # shards `full` in place
+    params = local.params  # original full-model name -> this rank's (possibly sharded) parameter
+    del full
+    if cfg.zero1:
+        opt = ZeroAdamW(params, mesh.group("dp"), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        owns = opt.owns
+    else:
+        opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def owns(name: str) -> bool:
+            return True
+
+    if resume_from is not None:
+        start_step = load_state(resume_from, params, full_shapes, opt, mesh, owns)
+    sync = GradSync(params.values(), mesh.group("dp"))
+    out = open_metrics(cfg.metrics_out, start_step) if rank0 and cfg.metrics_out else None
+    history: list[dict] = []
+    local_batch = cfg.batch_size // cfg.dp
+    tokens = cfg.batch_size * cfg.seq_len
+    timeline = None
+    try:
+        with progress_bar(
+            cfg.steps - start_step, f"train {cfg.model}", rank0 and cfg.progress
+        ) as update:
+            for step in range(start_step, cfg.steps):
+                x, y = data.batch(step, cfg.batch_size, cfg.seq_len)
+                rows = slice(mesh.dp_rank * local_batch, (mesh.dp_rank + 1) * local_batch)
+                for g in opt.param_groups:
+                    g["lr"] = lr_at(cfg, step)
+                comm.stats.reset()
+                t0 = time.perf_counter()
+                sync.prepare(accumulations=cfg.num_microbatches)
+                loss = local.step(x[rows], y[rows])
+                t1 = time.perf_counter()
+                sync.finish()
+                t2 = time.perf_counter()
+                norm = clip_grad_norm(
+                    params.values(), cfg.grad_clip, mesh.group("tp"), mesh.tp_rank, mesh.group("pp")
+                )
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                t3 = time.perf_counter()
+                loss = mean_over(loss, mesh.group("dp"))
+                dt = time.perf_counter() - t0
+                # Where rank 0's step went: forward and backward of every micro-batch (pipeline
+                # and tensor communication included), waiting for the last gradient all-reduce,
+                # clipping plus the optimizer.
+                phases = {"forward_backward": t1 - t0, "dp_sync_wait": t2 - t1, "update": t3 - t2}
+                timeline = local.timeline
+                record = {
+                    "step": step,
+                    "loss": loss,
+                    "step_time_s": dt,
+                    "phase_s": phases,
+                    "lr": lr_at(cfg, step),
+                    "grad_norm": norm,
+                    "comm_bytes": {a: comm.stats.bytes(axis=a) for a in ("dp", "pp", "tp")},
+                    "busy": busy(timeline),
+                    "peak_rss_mb": peak_rss_mb(),
+                    "rss_at_start_mb": rss_at_start,
+                }
+                record = gather_record(record, mesh)
+                record["tokens_per_s"] = tokens / record["step_time_s"]
+                if rank0:
+                    history.append(record)
+                    if out:
+                        out.write(json.dumps(record) + "\n")
+                        out.flush()
+                    update(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+                done = step + 1
+                if (
+                    cfg.checkpoint_dir
+                    and cfg.checkpoint_every
+                    and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+                ):
+                    save_state(cfg.checkpoint_dir, done, params, full_shapes, opt, mesh, owns)
+    finally:
+        if out:
+            out.close()
+        sync.remove()
+    write_timeline(cfg, timeline, mesh)
+    return history if rank0 else None
+
+
