@@ -91,16 +91,13 @@ def main() -> int:
     for i, mesh in enumerate(MESHES):
         mb = args.batch_size // (mesh["dp"] * args.microbatches)
         cfg = ParallelConfig(
-            mesh["dp"],
-            mesh["tp"],
-            mesh["pp"],
-            mb,
-            args.microbatches,
-            mesh["schedule"],
-            1,
-            "none",
-            False,
-            "fp32",
+            dp=mesh["dp"],
+            tp=mesh["tp"],
+            pp=mesh["pp"],
+            microbatch_size=mb,
+            num_microbatches=args.microbatches,
+            schedule=mesh["schedule"],
+            dtype="fp32",
         )
         est = evaluate(model, hw, cfg, args.seq_len)
         pred = est.step_time_s

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from plait.config import add_parallel_flags, parallel_from_args
 from plait.infer.cli import add_infer_parser
 from plait.plan.cli import add_plan_parser, add_simulate_parser
 
@@ -35,51 +36,13 @@ def _add_train(sub) -> None:
     p.add_argument("--warmup-steps", type=int, default=0)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--grad-clip", type=float, default=1.0, help="global-norm clip; 0 disables")
-    p.add_argument("--dtype", default="float32", help="float32, float64 or bfloat16")
     p.add_argument(
         "--data",
         default=None,
         help="a text file; default: the Python standard library's source on this machine",
     )
-    mesh = p.add_argument_group("mesh (world = dp x pp x tp local workers)")
-    mesh.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
-    mesh.add_argument("--pp", type=int, default=1, help="pipeline stages")
-    mesh.add_argument("--tp", type=int, default=1, help="tensor-parallel width")
-    mesh.add_argument(
-        "--schedule",
-        default="1f1b",
-        help="pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-v",
-    )
-    mesh.add_argument(
-        "--microbatches", type=int, default=None, help="micro-batches per step (default: pp)"
-    )
-    mesh.add_argument(
-        "--virtual",
-        type=int,
-        default=None,
-        help="model chunks per pipeline rank (default 2 for interleaved-1f1b and zb-v, else 1)",
-    )
-    mesh.add_argument(
-        "--schedule-costs",
-        type=_costs,
-        default=None,
-        metavar="F,B,W",
-        help="relative durations of forward, input-backward and weight-backward that the "
-        "zero-bubble generators order by (plait plan prints the ones it assumed); default equal",
-    )
-    mesh.add_argument(
-        "--balance", default="layers", help="how to cut stages: layers, params or time"
-    )
-    mesh.add_argument(
-        "--activation-checkpointing",
-        action="store_true",
-        help="recompute each stage's activations in backward",
-    )
-    mesh.add_argument(
-        "--sequence-parallel",
-        action="store_true",
-        help="shard norms along the sequence in tensor-parallel regions",
-    )
+    mesh = p.add_argument_group("how the step is split (world = dp x pp x tp local workers)")
+    add_parallel_flags(mesh, TRAIN_PARALLEL_FLAGS)
     mesh.add_argument(
         "--zero1",
         action="store_true",
@@ -118,17 +81,39 @@ def _add_train(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+# The ParallelConfig fields `plait train` takes (the planner-only micro-batch size is derived
+# from --batch-size).
+TRAIN_PARALLEL_FLAGS = [
+    "dp",
+    "pp",
+    "tp",
+    "schedule",
+    "virtual",
+    "num_microbatches",
+    "schedule_costs",
+    "balance",
+    "recompute",
+    "sequence_parallel",
+    "dtype",
+]
+
+
 def _cmd_train(args) -> int:
     from dataclasses import fields
 
-    from plait.launch import WorkerError
-    from plait.train import TrainConfig, train
+    from plait.train import TrainConfig
 
-    # Every train option's dest is the TrainConfig field of the same name.
-    names = {f.name for f in fields(TrainConfig)}
+    # Every other train option's dest is the TrainConfig field of the same name.
+    names = {f.name for f in fields(TrainConfig)} - {"parallel"}
     cfg = TrainConfig(
-        **{k: v for k, v in vars(args).items() if k in names}, progress=not args.no_progress
+        **{k: v for k, v in vars(args).items() if k in names},
+        parallel=parallel_from_args(args),
+        progress=not args.no_progress,
     )
+    cfg.validate()  # before torch loads: a bad setting is answered at once
+    from plait.launch import WorkerError
+    from plait.train import train
+
     try:
         history = train(cfg)
     except WorkerError as exc:
@@ -145,19 +130,6 @@ def _cmd_train(args) -> int:
             f"loss {first:.4f} -> {last:.4f} over steps {history[0]['step']}..{history[-1]['step']}"
         )
     return 0
-
-
-def _costs(text: str) -> tuple[float, float, float]:
-    """``"1,1.2,0.7"`` -> ``(1.0, 1.2, 0.7)``: three positive numbers."""
-    try:
-        vals = tuple(float(x) for x in text.split(","))
-    except ValueError:
-        vals = ()
-    if len(vals) != 3 or not all(v > 0 for v in vals):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not three positive numbers F,B,W (for example 1,1.2,0.7)"
-        )
-    return vals
 
 
 def _add_demo(sub) -> None:
@@ -192,8 +164,7 @@ def _add_compare(sub) -> None:
     p.add_argument("--steps", type=int, default=8, help="training steps per strategy")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--microbatches", type=int, default=4)
-    p.add_argument("--schedule", default="1f1b", help="pipeline schedule for pipeline mixes")
+    add_parallel_flags(p, ["schedule", "num_microbatches"], num_microbatches=4)
     p.add_argument(
         "--sequences", type=int, default=64, help="sequences scored per strategy (infer)"
     )

@@ -19,7 +19,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from plait.mesh import MeshShape
+from plait.config import ParallelConfig, resolve_schedule
+from plait.mesh_shape import MeshShape
 from plait.models import get_config
 
 __all__ = ["CompareConfig", "CompareReport", "compare", "train_candidates", "infer_candidates"]
@@ -36,19 +37,33 @@ class CompareConfig:
     warmup: int = 2
     batch_size: int = 8
     seq_len: int = 128
-    microbatches: int = 4
+    num_microbatches: int = 4
     schedule: str = "1f1b"
     sequences: int = 64
     out_dir: str = "plait-out/compare"
 
+    def parallel(self, shape: MeshShape) -> ParallelConfig:
+        """The one parallel configuration a candidate mesh is both measured and predicted at."""
+        m = min(self.num_microbatches, self.batch_size // shape.dp)
+        return ParallelConfig(
+            dp=shape.dp,
+            pp=shape.pp,
+            tp=shape.tp,
+            schedule=self.schedule,
+            num_microbatches=m,
+            microbatch_size=max(1, self.batch_size // shape.dp // m),
+        )
+
     def validate(self) -> None:
         get_config(self.model)
+        self.schedule = resolve_schedule(self.schedule)
         if self.mode not in ("train", "infer"):
             raise ValueError(f"--mode must be 'train' or 'infer', got {self.mode!r}")
-        for name in ("workers", "steps", "batch_size", "seq_len", "microbatches", "sequences"):
+        for name in ("workers", "steps", "batch_size", "seq_len", "num_microbatches", "sequences"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value!r}")
+                flag = "microbatches" if name == "num_microbatches" else name.replace("_", "-")
+                raise ValueError(f"--{flag} must be >= 1, got {value!r}")
         if self.warmup < 0 or self.warmup >= self.steps:
             raise ValueError(
                 f"--warmup must be in 0..steps-1 ({self.steps - 1}), got {self.warmup}"
@@ -223,7 +238,6 @@ def _slug(name: str) -> str:
 def _measure_train(cfg: CompareConfig, shape: MeshShape, name: str, out: Path):
     from plait.train import TrainConfig, train
 
-    m = min(cfg.microbatches, cfg.batch_size // shape.dp)
     png = out / f"timeline-train-{_slug(name)}.png"
     hist = train(
         TrainConfig(
@@ -231,11 +245,7 @@ def _measure_train(cfg: CompareConfig, shape: MeshShape, name: str, out: Path):
             steps=cfg.steps,
             batch_size=cfg.batch_size,
             seq_len=cfg.seq_len,
-            dp=shape.dp,
-            pp=shape.pp,
-            tp=shape.tp,
-            schedule=cfg.schedule,
-            microbatches=m,
+            parallel=cfg.parallel(shape),
             trace_out=str(png.with_suffix(".json")),
             timeline_png=str(png),
             progress=False,
@@ -288,18 +298,9 @@ def _spec(cfg: CompareConfig):
 
 
 def _predict_train(cfg: CompareConfig, shape: MeshShape, hw) -> dict:
-    from plait.plan import ParallelConfig, evaluate
+    from plait.plan import evaluate
 
-    m = min(cfg.microbatches, cfg.batch_size // shape.dp)
-    pc = ParallelConfig(
-        dp=shape.dp,
-        tp=shape.tp,
-        pp=shape.pp,
-        microbatch_size=max(1, cfg.batch_size // shape.dp // m),
-        num_microbatches=m,
-        schedule=cfg.schedule if shape.pp > 1 else "none",
-        dtype="fp32",
-    )
+    pc = cfg.parallel(shape)
     est = evaluate(_spec(cfg), hw, pc, seq=cfg.seq_len)
     return {
         "step_time_s": est.step_time_s,
@@ -311,7 +312,7 @@ def _predict_train(cfg: CompareConfig, shape: MeshShape, hw) -> dict:
 
 def _predict_infer(cfg: CompareConfig, shape: MeshShape, hw) -> dict:
     """Forward-only: each replica streams batches through its pipeline of stages."""
-    from plait.plan import CostModel, ParallelConfig
+    from plait.plan import CostModel
 
     replicas = shape.dp
     per_replica = -(-cfg.sequences // replicas)
@@ -321,8 +322,7 @@ def _predict_infer(cfg: CompareConfig, shape: MeshShape, hw) -> dict:
         pp=shape.pp,
         microbatch_size=cfg.batch_size,
         num_microbatches=batches,
-        schedule="gpipe" if shape.pp > 1 else "none",
-        dtype="fp32",
+        schedule="gpipe",
     )
     cm = CostModel(_spec(cfg), hw, pc, cfg.seq_len)
     stage_f = [cm.compute("F", s) for s in range(shape.pp)]

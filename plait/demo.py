@@ -10,25 +10,21 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 __all__ = ["run_demo"]
 
 
-def _settings(est) -> dict:
-    """TrainConfig fields for the planner's chosen configuration."""
+def _chosen(est):
+    """The planner's chosen :class:`ParallelConfig`, as training runs it: with the costs its
+    schedule was built for, and selective recomputation (planner-only) as none."""
     c = est.config
-    return {
-        "dp": c.dp,
-        "pp": c.pp,
-        "tp": c.tp,
-        "schedule": c.schedule if c.pp > 1 else "1f1b",
-        "virtual": c.virtual if c.pp > 1 else None,
-        "schedule_costs": est.schedule_costs if c.pp > 1 else None,
-        "microbatches": c.num_microbatches,
-        "sequence_parallel": c.sp and c.tp > 1,
-        "activation_checkpointing": c.recompute == "full",
-    }
+    return replace(
+        c,
+        schedule_costs=est.schedule_costs if c.pp > 1 else None,
+        recompute="full" if c.recompute == "full" else "none",
+    )
 
 
 def run_demo(
@@ -69,7 +65,7 @@ def run_demo(
         max_microbatch=batch_size,
     )
     print("   " + explain(res).replace("\n", "\n   "))
-    chosen = _settings(res.best)
+    chosen = _chosen(res.best)
 
     print(f"\n3. Training the chosen configuration ({res.best.config.label()}) for {steps} steps:")
     hist = train(
@@ -81,7 +77,7 @@ def run_demo(
             timeline_png=str(out / "timeline-chosen.png"),
             trace_out=str(out / "trace-chosen.json"),
             metrics_out=str(out / "metrics-chosen.jsonl"),
-            **chosen,
+            parallel=chosen,
         )
     )
     first = sum(r["loss"] for r in hist[:3]) / 3

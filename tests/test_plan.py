@@ -5,10 +5,10 @@ import json
 import pytest
 
 from plait.cli import main
+from plait.config import ParallelConfig
 from plait.models.transformer import PRESETS
-from plait.plan.config import ParallelConfig
+from plait.plan.calibrate import get_hardware
 from plait.plan.evaluate import evaluate
-from plait.plan.hardware import get_hardware
 from plait.plan.inference import plan_inference
 from plait.plan.memory import analytic_in_flight
 from plait.plan.model_spec import custom_model, get_model
@@ -91,7 +91,9 @@ def test_links_by_placement():
 def test_memory_in_flight_matches_simulator():
     model, hw = get_model("llama2-7b"), get_hardware("a100-80gb")
     for sched, v in (("1f1b", 1), ("interleaved-1f1b", 2), ("gpipe", 1)):
-        cfg = ParallelConfig(1, 1, 4, 1, 8, sched, v, "full")
+        cfg = ParallelConfig(
+            pp=4, num_microbatches=8, schedule=sched, virtual=v, recompute="full", dtype="bf16"
+        )
         est = evaluate(model, hw, cfg)
         assert est.sim is not None
         assert est.sim.peak_in_flight == pytest.approx(analytic_in_flight(sched, 4, 8, v)), sched

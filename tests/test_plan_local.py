@@ -127,7 +127,7 @@ def test_elementwise_scale_keeps_the_unsplit_work_of_a_tensor_parallel_layer():
     assert heavy.elementwise_scale_at(4096) == 50.0 and base.elementwise_scale_at(4096) == 1.0
 
     def layer(spec, t):
-        cm = CostModel(get_model("llama3-8b"), spec, ParallelConfig(tp=t, microbatch_size=1))
+        cm = CostModel(get_model("llama3-8b"), spec, ParallelConfig(tp=t, dtype="bf16"))
         return cm.layer_times["F"] - cm.layer_times["comm_F"]
 
     # With element-wise work weighing more, splitting the layer in two saves a smaller share.
@@ -143,7 +143,7 @@ def test_straggler_factor_paces_jobs_of_more_than_one_worker():
     local = replace(get_hardware("a100-80gb"), shared_cores=4, straggler_factor=1.1)
 
     def fwd(dp):
-        cfg = ParallelConfig(dp=dp, microbatch_size=1)
+        cfg = ParallelConfig(dp=dp, dtype="bf16")
         return CostModel(get_model("llama3-8b"), local, cfg).compute("F", 0)
 
     assert fwd(2) == pytest.approx(1.1 * fwd(1))

@@ -13,6 +13,7 @@ from plait.pipeline import (
     build_schedule,
     validate,
 )
+from plait.plan.simulator import simulate
 
 ONE_F_ONE_B_P2_M3 = [
     "F0.0 SEND_ACT0.0 F0.1 SEND_ACT0.1 RECV_GRAD0.0 BW0.0 F0.2 SEND_ACT0.2 "
@@ -184,40 +185,28 @@ def test_ir_generators_and_validator_stay_free_of_torch():
     import plait.pipeline as pp
 
     root = pathlib.Path(pp.__file__).parent
-    for name in ("schedule.py", "generators.py", "validate.py", "__init__.py"):
+    for name in ("schedule.py", "walk.py", "generators.py", "validate.py", "__init__.py"):
         text = (root / name).read_text()
         assert not re.search(r"^\s*(import|from)\s+torch", text, re.M), name
 
 
 def _unit_makespan(s: Schedule, cost: dict) -> float:
-    """Finish time when each rank runs its compute order with these costs, messages free."""
-    fin: dict = {}
-    clock = [0.0] * s.num_ranks
-    pc = [0] * s.num_ranks
-    orders = s.compute_only()
-    progress = True
-    while progress:
-        progress = False
-        for r, acts in enumerate(orders):
-            while pc[r] < len(acts):
-                a = acts[pc[r]]
-                st, i = a.stage, a.microbatch
-                if a.kind is Kind.F:
-                    deps = [Action(Kind.F, st - 1, i)] if st > 0 else []
-                elif a.kind is Kind.W:
-                    deps = [Action(Kind.B, st, i)]
-                else:
-                    deps = [Action(Kind.F, st, i)]
-                    if st < s.num_stages - 1:
-                        nxt = Action(Kind.B, st + 1, i)
-                        deps.append(nxt if nxt in fin else Action(Kind.BW, st + 1, i))
-                if any(d not in fin for d in deps):
-                    break
-                start = max([clock[r]] + [fin[d] for d in deps])
-                fin[a] = clock[r] = start + cost[a.kind] / s.virtual
-                pc[r] += 1
-                progress = True
-    return max(clock)
+    """Finish time when each rank runs its compute order with these costs, messages free: the
+    simulator on the compute-only order (each chunk's action costs ``cost / v``)."""
+
+    class Costs:
+        p2p_blocks_compute = False
+
+        def compute(self, kind: str, stage: int, microbatch: int = 0) -> float:
+            return cost[Kind(kind)] / s.virtual
+
+        def transfer(self, src_stage: int, dst_stage: int) -> float:
+            return 0.0
+
+    order = Schedule(
+        s.name, s.num_ranks, s.num_stages, s.num_microbatches, s.stage_to_rank, s.compute_only()
+    )
+    return simulate(order, Costs()).pipeline_time
 
 
 @pytest.mark.parametrize("p,m", [(2, 8), (4, 8), (4, 16), (8, 32)])

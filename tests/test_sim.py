@@ -4,12 +4,12 @@ import json
 
 import pytest
 
+from plait.config import ParallelConfig
 from plait.pipeline.generators import build_schedule
 from plait.pipeline.schedule import Schedule, parse_actions
-from plait.plan.config import ParallelConfig
+from plait.plan.calibrate import get_hardware
 from plait.plan.cost import CostModel, UniformCosts
 from plait.plan.evaluate import _analytic_pipeline, simulate_config
-from plait.plan.hardware import get_hardware
 from plait.plan.model_spec import get_model
 from plait.plan.simulator import ScheduleError, simulate
 
@@ -122,7 +122,8 @@ def test_analytic_matches_simulation_for_real_costs():
             schedule=sched,
             virtual=v,
             recompute="selective",
-            sp=True,
+            sequence_parallel=True,
+            dtype="bf16",
         )
         cm = CostModel(model, hw, cfg)
         sim = simulate_config(cm)
@@ -140,7 +141,17 @@ def test_extrapolated_simulation_matches_the_whole_one(monkeypatch, schedule, p,
 
     ev = sys.modules["plait.plan.evaluate"]
     v = 2 if schedule != "zb-h1" else 1
-    cfg = ParallelConfig(8, 8, p, 1, m, schedule, v, "selective", True)
+    cfg = ParallelConfig(
+        dp=8,
+        tp=8,
+        pp=p,
+        num_microbatches=m,
+        schedule=schedule,
+        virtual=v,
+        recompute="selective",
+        sequence_parallel=True,
+        dtype="bf16",
+    )
     model, hw = get_model("gpt3-175b"), get_hardware("a100-80gb")
     whole = evaluate(model, hw, cfg, 2048)
     assert whole.method == "simulated"
@@ -159,7 +170,20 @@ def test_planner_builds_zero_bubble_schedules_for_its_costs_and_says_so():
     from plait.plan.evaluate import evaluate, get_schedule
 
     model, hw = get_model("gpt3-175b"), get_hardware("a100-80gb")
-    zb = evaluate(model, hw, ParallelConfig(8, 8, 4, 1, 16, "zb-v", 2, "selective", True), 2048)
+
+    def cfg(schedule: str) -> ParallelConfig:
+        return ParallelConfig(
+            dp=8,
+            tp=8,
+            pp=4,
+            num_microbatches=16,
+            schedule=schedule,
+            recompute="selective",
+            sequence_parallel=True,
+            dtype="bf16",
+        )
+
+    zb = evaluate(model, hw, cfg("zb-v"), 2048)
     f, b, w = zb.schedule_costs
     assert f == 1.0 and w < 1.0 < b  # weight gradients cheaper than forwards, input ones dearer
     assert zb.to_dict()["schedule_costs"] == [f, b, w]
@@ -167,7 +191,7 @@ def test_planner_builds_zero_bubble_schedules_for_its_costs_and_says_so():
     fitted = simulate(get_schedule("zb-v", 4, 16, 2, zb.schedule_costs), cm).pipeline_time
     assert fitted < simulate(get_schedule("zb-v", 4, 16, 2), cm).pipeline_time
     assert zb.pipeline_time_s == pytest.approx(fitted)  # what the planner predicts is that one
-    plain = evaluate(model, hw, ParallelConfig(8, 8, 4, 1, 16, "1f1b", 1, "selective", True), 2048)
+    plain = evaluate(model, hw, cfg("1f1b"), 2048)
     assert plain.schedule_costs is None  # fixed-pattern schedules take no costs
     res = search(get_model("llama3-70b"), get_hardware("h100-sxm"), 64, 512, schedules=["zb-v"])
     assert res.best.config.schedule == "zb-v"

@@ -86,7 +86,10 @@ def test_cli_help_lists_commands():
         (["--model", "huge"], "unknown model 'huge'"),
         (["--seq-len", "999"], "--seq-len 999 exceeds model 'tiny'"),
         (["--data", "/nonexistent.txt"], "--data '/nonexistent.txt' is not a readable file"),
-        (["--schedule-costs", "1,x,2"], "'1,x,2' is not three positive numbers F,B,W"),
+        (
+            ["--schedule-costs", "1,x,2"],
+            "expected three positive numbers F,B,W (e.g. 1,1.2,0.7), got '1,x,2'",
+        ),
     ],
 )
 def test_cli_bad_input_is_named(args, message):

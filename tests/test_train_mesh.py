@@ -7,9 +7,11 @@ between single-process float32 and float64, so float64 is where exactness is pro
 """
 
 import shutil
+from dataclasses import fields
 
 import pytest
 
+from plait.config import ParallelConfig
 from plait.train import TrainConfig, train
 from plait.train.checkpoint import latest_checkpoint
 
@@ -32,8 +34,12 @@ def assert_close(a, b, rtol=RTOL):
 
 
 def cfg(corpus, **kw):
+    """A TrainConfig at the CLI's defaults; ParallelConfig fields go to its ``parallel``."""
+    split = {f.name for f in fields(ParallelConfig)}
+    parallel = ParallelConfig(**{k: v for k, v in kw.items() if k in split})
     base = dict(model="tiny", steps=20, batch_size=8, seq_len=64, data=corpus, progress=False)
-    return TrainConfig(**{**base, **kw})
+    rest = {k: v for k, v in kw.items() if k not in split}
+    return TrainConfig(**{**base, **rest}, parallel=parallel)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +51,7 @@ def single(corpus):
 @pytest.mark.parametrize("mesh", [(1, 1, 2), (2, 2, 1), (1, 2, 2), (2, 1, 2)], ids=str)
 def test_mesh_matches_single_process_for_20_steps(corpus, single, mesh):
     dp, pp, tp = mesh
-    hist = train(cfg(corpus, dp=dp, pp=pp, tp=tp, microbatches=2))
+    hist = train(cfg(corpus, dp=dp, pp=pp, tp=tp, num_microbatches=2))
     assert_close(losses(hist), single)
     first = hist[0]
     for axis, size in zip(("dp", "pp", "tp"), mesh):  # each axis that is split talks, only those
@@ -57,20 +63,20 @@ def test_mesh_matches_single_process_for_20_steps(corpus, single, mesh):
 
 @pytest.mark.slow
 def test_full_mesh_on_8_processes(corpus, single):
-    hist = train(cfg(corpus, steps=3, dp=2, pp=2, tp=2, microbatches=2))
+    hist = train(cfg(corpus, steps=3, dp=2, pp=2, tp=2, num_microbatches=2))
     assert_close(losses(hist), single[:3])
 
 
 @pytest.fixture(scope="module")
 def single_4_layers_f64(corpus):
-    return losses(train(cfg(corpus, n_layers=4, steps=6, dtype="float64")))
+    return losses(train(cfg(corpus, n_layers=4, steps=6, dtype="fp64")))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v"])
 def test_every_schedule_at_pp2_matches_single_process_f64(corpus, schedule, single_4_layers_f64):
     # 4 layers so that V-shaped and interleaved schedules have a block per chunk
-    kw = dict(n_layers=4, steps=6, dtype="float64", pp=2, schedule=schedule, microbatches=4)
+    kw = dict(n_layers=4, steps=6, dtype="fp64", pp=2, schedule=schedule, num_microbatches=4)
     assert_close(losses(train(cfg(corpus, **kw))), single_4_layers_f64, rtol=1e-9)
 
 
@@ -78,7 +84,7 @@ def test_every_schedule_at_pp2_matches_single_process_f64(corpus, schedule, sing
 def test_zero_bubble_built_for_measured_costs_matches_single_process_f64(
     corpus, single_4_layers_f64
 ):
-    kw = dict(n_layers=4, steps=6, dtype="float64", pp=2, schedule="zb-v", microbatches=4)
+    kw = dict(n_layers=4, steps=6, dtype="fp64", pp=2, schedule="zb-v", num_microbatches=4)
     hist = train(cfg(corpus, schedule_costs=(1.0, 1.18, 0.7), **kw))
     assert_close(losses(hist), single_4_layers_f64, rtol=1e-9)
 
@@ -91,14 +97,14 @@ def single_4_layers(corpus):
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v"])
 def test_every_schedule_at_pp2_matches_single_process_f32(corpus, schedule, single_4_layers):
-    hist = train(cfg(corpus, n_layers=4, pp=2, schedule=schedule, microbatches=4))
+    hist = train(cfg(corpus, n_layers=4, pp=2, schedule=schedule, num_microbatches=4))
     assert_close(losses(hist), single_4_layers)
 
 
 @pytest.mark.slow
 def test_mesh_matches_single_process_f64(corpus):
-    reference = losses(train(cfg(corpus, steps=4, dtype="float64")))
-    hist = train(cfg(corpus, steps=4, dtype="float64", dp=2, pp=1, tp=2, sequence_parallel=True))
+    reference = losses(train(cfg(corpus, steps=4, dtype="fp64")))
+    hist = train(cfg(corpus, steps=4, dtype="fp64", dp=2, pp=1, tp=2, sequence_parallel=True))
     assert_close(losses(hist), reference, rtol=1e-9)
 
 
@@ -128,7 +134,7 @@ def test_zero1_matches_and_its_checkpoint_resumes_anywhere(corpus, tmp_path, sin
 
 def test_microbatch_accumulation_matches_whole_batch(corpus, single):
     # 3 uneven micro-batches of 8 rows (3, 3, 2): the mean loss and gradients are the same.
-    assert_close(losses(train(cfg(corpus, microbatches=3))), single)
+    assert_close(losses(train(cfg(corpus, num_microbatches=3))), single)
 
 
 def test_resume_is_bit_identical(corpus, tmp_path):
@@ -174,7 +180,7 @@ def test_bad_mesh_settings_are_named(corpus):
     with pytest.raises(ValueError, match="--batch-size 7 must divide evenly over --dp 2"):
         train(cfg(corpus, batch_size=7, dp=2))
     with pytest.raises(ValueError, match="--microbatches 9 exceeds the 8 sequences"):
-        train(cfg(corpus, microbatches=9))
+        train(cfg(corpus, num_microbatches=9))
     with pytest.raises(ValueError, match="--resume needs --checkpoint-dir"):
         train(cfg(corpus, resume=True))
     with pytest.raises(ValueError, match="tp=3 does not divide n_heads=4"):
@@ -192,7 +198,13 @@ def test_trace_and_timeline_png_have_one_track_per_rank(corpus, tmp_path):
     trace, png = tmp_path / "t.json", tmp_path / "t.png"
     train(
         cfg(
-            corpus, steps=2, pp=2, tp=2, microbatches=4, trace_out=str(trace), timeline_png=str(png)
+            corpus,
+            steps=2,
+            pp=2,
+            tp=2,
+            num_microbatches=4,
+            trace_out=str(trace),
+            timeline_png=str(png),
         )
     )
     data = json.loads(trace.read_text())
@@ -230,8 +242,8 @@ def test_resume_restores_the_rng_state(corpus, tmp_path):
 
 
 def test_activation_checkpointing_without_a_pipeline_changes_nothing_but_memory(corpus):
-    plain = losses(train(cfg(corpus, steps=3, dtype="float64")))
-    recomputed = losses(train(cfg(corpus, steps=3, dtype="float64", activation_checkpointing=True)))
+    plain = losses(train(cfg(corpus, steps=3, dtype="fp64")))
+    recomputed = losses(train(cfg(corpus, steps=3, dtype="fp64", recompute="full")))
     assert_close(recomputed, plain, rtol=1e-12)
 
 

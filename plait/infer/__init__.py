@@ -11,9 +11,23 @@ strategy via :func:`plait.tasks.map`), ``mesh`` (pipeline / tensor / composed, v
 
 from __future__ import annotations
 
-from plait.infer.core import InferConfig, InferReport, load_requests, parse_strategy
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from plait.infer.core import InferConfig, InferReport
 
 __all__ = ["infer", "InferConfig", "InferReport", "parse_strategy"]
+
+_FROM_CORE = ("InferConfig", "InferReport", "parse_strategy")
+
+
+def __getattr__(name: str):
+    # torch loads with the first use, not with ``plait infer --help``
+    if name in _FROM_CORE:
+        from plait.infer import core
+
+        return getattr(core, name)
+    raise AttributeError(f"module 'plait.infer' has no attribute {name!r}")
 
 
 def infer(cfg: InferConfig) -> InferReport:
@@ -24,6 +38,8 @@ def infer(cfg: InferConfig) -> InferReport:
         report = infer(InferConfig(data="notes.txt", strategy="task,pipeline", workers=4))
         report.summary()["sequences_per_s"]
     """
+    from plait.infer.core import load_requests
+
     shape = cfg.validate()
     requests = load_requests(cfg)
     if cfg.strategy.strip() == "single":

@@ -18,7 +18,7 @@ import torch
 
 from plait.alloc import peak_rss_mb
 from plait.data import ByteDataset
-from plait.mesh import MeshShape
+from plait.mesh_shape import MeshShape
 from plait.models import Transformer, get_config
 
 __all__ = [

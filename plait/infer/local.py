@@ -16,7 +16,7 @@ from plait.infer.core import (
     score_batch,
     score_batch_rss,
 )
-from plait.mesh import MeshShape
+from plait.mesh_shape import MeshShape
 from plait.progress import progress_bar
 
 __all__ = ["run_single", "run_task"]

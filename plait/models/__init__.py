@@ -1,16 +1,13 @@
-"""Models plait knows how to split: the reference decoder-only transformer and its presets."""
+"""Models plait knows how to split: the reference decoder-only transformer and its presets.
 
-from plait.models.transformer import (
-    MLP,
-    PRESETS,
-    Attention,
-    Block,
-    Embedding,
-    Head,
-    ModelConfig,
-    Transformer,
-    get_config,
-)
+``ModelConfig``, ``PRESETS`` and ``get_config`` load without torch; the modules on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from plait.models.config import PRESETS, ModelConfig, get_config
 
 __all__ = [
     "PRESETS",
@@ -23,3 +20,11 @@ __all__ = [
     "Transformer",
     "get_config",
 ]
+
+_MODULES = ("Attention", "Block", "Embedding", "Head", "MLP", "Transformer")
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return getattr(importlib.import_module("plait.models.transformer"), name)
+    raise AttributeError(f"module 'plait.models' has no attribute {name!r}")

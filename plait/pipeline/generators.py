@@ -38,28 +38,26 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 
+from plait.config import (
+    SCHEDULE_SPECS,
+    SCHEDULES,
+    check_schedule_costs,
+    resolve_schedule,
+    resolve_virtual,
+)
 from plait.pipeline.schedule import Action, Kind, Schedule
+from plait.pipeline.walk import ScheduleError, Walk, inputs, matching_recv, message_in, message_out
 
 __all__ = ["SCHEDULES", "build_schedule", "add_communication", "stage_to_rank_for"]
-
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v")
 
 Durations = dict  # Kind -> relative duration of one stage's action on one micro-batch
 
 
 def _durations(costs) -> Durations:
     """The list scheduler's durations from ``costs = (F, B, W)`` (None: all equal)."""
-    if costs is None:
+    vals = check_schedule_costs(costs)
+    if vals is None:
         return {Kind.F: 1.0, Kind.B: 1.0, Kind.W: 1.0, Kind.BW: 2.0}
-    ok = isinstance(costs, (tuple, list)) and len(costs) == 3
-    vals = (
-        [float(c) for c in costs] if ok and all(isinstance(c, (int, float)) for c in costs) else []
-    )
-    if len(vals) != 3 or not all(0 < c < float("inf") for c in vals):
-        raise ValueError(
-            f"costs must be three positive numbers (relative durations of F, B and W), got "
-            f"{costs!r}"
-        )
     f, b, w = vals
     return {Kind.F: f, Kind.B: b, Kind.W: w, Kind.BW: b + w}
 
@@ -68,10 +66,12 @@ def stage_to_rank_for(name: str, num_ranks: int, virtual: int = 1) -> list[int]:
     """Where each of the ``num_ranks * virtual`` stages lives for schedule ``name``.
 
     Looping (``interleaved-1f1b``): stage ``s`` on rank ``s % p``. V-shape (``zb-v``): stages
-    ``0..p-1`` on ranks ``0..p-1``, then back ``p-1..0``.
+    ``0..p-1`` on ranks ``0..p-1``, then back ``p-1..0``. ``"none"`` (no pipeline) is one stage.
     """
     p = num_ranks
-    if name == "zb-v":
+    if name == "none":
+        return [0] * virtual
+    if SCHEDULE_SPECS[resolve_schedule(name)].placement == "v":
         return list(range(p)) + list(range(p - 1, -1, -1))
     return [s % p for s in range(p * virtual)]
 
@@ -103,21 +103,17 @@ def build_schedule(
         s = build_schedule("interleaved-1f1b", 2, 4, virtual=2)
         s.stage_to_rank  # [0, 1, 0, 1]
     """
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}; valid schedules are {list(SCHEDULES)}")
+    name = resolve_schedule(name)
+    if name == "none":
+        raise ValueError(f"build_schedule needs a pipeline schedule, one of {list(SCHEDULES)}")
     for label, value in (("num_ranks", num_ranks), ("num_microbatches", num_microbatches)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{label} must be a positive integer, got {value!r}")
-    fixed = {"gpipe": 1, "1f1b": 1, "zb-h1": 1, "zb-v": 2}
-    if virtual is None:
-        virtual = fixed.get(name, 2)
-    if not isinstance(virtual, int) or isinstance(virtual, bool) or virtual < 1:
+    if virtual is not None and (
+        not isinstance(virtual, int) or isinstance(virtual, bool) or virtual < 1
+    ):
         raise ValueError(f"virtual must be a positive integer, got {virtual!r}")
-    if name in fixed and virtual != fixed[name]:
-        raise ValueError(
-            f"schedule {name!r} has virtual={fixed[name]} chunks per rank, got virtual={virtual}; "
-            f"use 'interleaved-1f1b' for other values"
-        )
+    virtual = resolve_virtual(name, virtual)
     durations = _durations(costs)
     p, m, v = num_ranks, num_microbatches, virtual
     stage_to_rank = stage_to_rank_for(name, p, v)
@@ -185,7 +181,7 @@ def _interleaved(
             acts += [fs[warmup + k], bs[k]]
         acts += bs[len(fs) - warmup :]
         orders.append(acts)
-    if _feasible(orders, stage_to_rank):
+    if _feasible(orders, stage_to_rank, m):
         return orders
     # When m is not a multiple of p the group order can ask a rank for a backward whose
     # forward waits behind it elsewhere; the list scheduler with Megatron's in-flight limit
@@ -196,34 +192,15 @@ def _interleaved(
     )
 
 
-def _feasible(orders: list[list[Action]], stage_to_rank: list[int]) -> bool:
+def _feasible(orders: list[list[Action]], stage_to_rank: list[int], m: int) -> bool:
     """Whether every rank can run its compute order to the end (dependencies only)."""
-    S = len(stage_to_rank)
-    done: set[Action] = set()
-    pc = [0] * len(orders)
-    progress = True
-    while progress:
-        progress = False
-        for r, acts in enumerate(orders):
-            while pc[r] < len(acts):
-                a = acts[pc[r]]
-                s, i = a.stage, a.microbatch
-                if a.kind is Kind.F:
-                    ok = s == 0 or Action(Kind.F, s - 1, i) in done
-                elif a.kind is Kind.W:
-                    ok = Action(Kind.B, s, i) in done
-                else:
-                    ok = Action(Kind.F, s, i) in done and (
-                        s == S - 1
-                        or Action(Kind.BW, s + 1, i) in done
-                        or Action(Kind.B, s + 1, i) in done
-                    )
-                if not ok:
-                    break
-                done.add(a)
-                pc[r] += 1
-                progress = True
-    return all(pc[r] == len(acts) for r, acts in enumerate(orders))
+    p = len(orders)
+    try:
+        for _ in Walk(Schedule("custom", p, len(stage_to_rank), m, stage_to_rank, orders)):
+            pass
+    except ScheduleError:
+        return False
+    return True
 
 
 def _zb_h1(p: int, m: int, stage_to_rank: list[int], durations: Durations) -> list[list[Action]]:
@@ -313,25 +290,18 @@ def _greedy(
     ahead = [0] * p  # forwards minus input-backwards
     orders: list[list[Action]] = [[] for _ in range(p)]
 
+    # The dependency rule of plait.pipeline.walk (compute-only form), and its inverse.
+    needs = {a: inputs(a, S, bwd) for acts in todo for a in acts}
+    needed_by: dict[Action, list[Action]] = defaultdict(list)
+    for a, ds in needs.items():
+        for d in ds:
+            needed_by[d].append(a)
+
     def deps(a: Action) -> list[Action]:
-        s, i = a.stage, a.microbatch
-        if a.kind is Kind.F:
-            return [Action(Kind.F, s - 1, i)] if s > 0 else []
-        if a.kind is Kind.W:
-            return [Action(Kind.B, s, i)]
-        out = [Action(Kind.F, s, i)]
-        if s < S - 1:
-            out.append(Action(bwd, s + 1, i))
-        return out
+        return needs[a]
 
     def dependents(a: Action) -> list[Action]:
-        s, i = a.stage, a.microbatch
-        if a.kind is Kind.F:
-            return ([Action(Kind.F, s + 1, i)] if s < S - 1 else []) + [Action(bwd, s, i)]
-        if a.kind is Kind.W:
-            return []
-        out = [Action(bwd, s - 1, i)] if s > 0 else []
-        return out + ([Action(Kind.W, s, i)] if split else [])
+        return needed_by[a]
 
     def ready(a: Action, t: int) -> bool:
         return all(d in done_at and done_at[d] <= t for d in deps(a))
@@ -422,40 +392,22 @@ def add_communication(orders: list[list[Action]], stage_to_rank: list[int]) -> l
         add_communication([[F0.0], [F1.0]], [0, 1])
         # [[F0.0, SEND_ACT0.0], [RECV_ACT1.0, F1.0]]
     """
-    S = len(stage_to_rank)
-    rank_of = stage_to_rank
-
-    def message_out(a: Action, r: int) -> tuple[int, Action] | None:
-        """(destination rank, send action) for the tensor that ``a`` produces, if it leaves r."""
-        if a.kind is Kind.F and a.stage < S - 1 and rank_of[a.stage + 1] != r:
-            return rank_of[a.stage + 1], Action(Kind.SEND_ACT, a.stage, a.microbatch)
-        if a.kind in (Kind.B, Kind.BW) and a.stage > 0 and rank_of[a.stage - 1] != r:
-            return rank_of[a.stage - 1], Action(Kind.SEND_GRAD, a.stage, a.microbatch)
-        return None
-
-    def message_in(a: Action, r: int) -> tuple[int, Action] | None:
-        """(source rank, receive action) for the tensor that ``a`` needs from another rank."""
-        if a.kind is Kind.F and a.stage > 0 and rank_of[a.stage - 1] != r:
-            return rank_of[a.stage - 1], Action(Kind.RECV_ACT, a.stage, a.microbatch)
-        if a.kind in (Kind.B, Kind.BW) and a.stage < S - 1 and rank_of[a.stage + 1] != r:
-            return rank_of[a.stage + 1], Action(Kind.RECV_GRAD, a.stage, a.microbatch)
-        return None
-
-    # Each sender's order of messages to each receiver, as the receive actions that match them.
+    # Each sender's order of messages to each receiver, as the receive actions that match them
+    # (which tensors cross ranks, by which messages: plait.pipeline.walk's rule).
     sent: dict[tuple[int, int], list[Action]] = defaultdict(list)
     for r, acts in enumerate(orders):
         for a in acts:
-            out = message_out(a, r)
+            out = message_out(a, stage_to_rank)
             if out is not None:
                 dst, send = out
-                sent[(r, dst)].append(_matching_recv(send))
+                sent[(r, dst)].append(matching_recv(send))
     result = []
     for r, acts in enumerate(orders):
         cursor: dict[int, int] = defaultdict(int)  # per source: messages received so far
         received: set[Action] = set()
         row: list[Action] = []
         for a in acts:
-            need = message_in(a, r)
+            need = message_in(a, stage_to_rank)
             if need is not None and need[1] not in received:
                 src, recv = need
                 queue = sent[(src, r)]
@@ -469,14 +421,8 @@ def add_communication(orders: list[list[Action]], stage_to_rank: list[int]) -> l
                     if nxt == recv:
                         break
             row.append(a)
-            out = message_out(a, r)
+            out = message_out(a, stage_to_rank)
             if out is not None:
                 row.append(out[1])
         result.append(row)
     return result
-
-
-def _matching_recv(send: Action) -> Action:
-    if send.kind is Kind.SEND_ACT:
-        return Action(Kind.RECV_ACT, send.stage + 1, send.microbatch)
-    return Action(Kind.RECV_GRAD, send.stage - 1, send.microbatch)

@@ -34,6 +34,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from plait.pipeline.split import split_blocks
+
 __all__ = ["Stage", "partition", "stage_units"]
 
 
@@ -127,23 +129,14 @@ def partition(
     L = len(blocks)
     if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
         raise ValueError(f"num_stages must be a positive integer, got {num_stages!r}")
-    if isinstance(balance, str):
-        if balance == "layers":
-            counts = _even_blocks(L, num_stages)
-        elif balance in ("params", "time"):
-            costs = (
-                [_num_params(m) for m in (embed, *blocks, head)]
-                if balance == "params"
-                else _profile(model, embed, blocks, head, sample)
-            )
-            counts = _min_max_split(costs, num_stages)
-        else:
-            raise ValueError(
-                f"balance must be 'layers', 'params', 'time' or a list of blocks per stage, "
-                f"got {balance!r}"
-            )
-    else:
-        counts = _explicit(list(balance), L, num_stages)
+    costs = None
+    if balance in ("params", "time"):
+        costs = (
+            [_num_params(m) for m in (embed, *blocks, head)]
+            if balance == "params"
+            else _profile(model, embed, blocks, head, sample)
+        )
+    counts = split_blocks(L, num_stages, balance, costs)
     stages, start = [], 0
     for i, n in enumerate(counts):
         stages.append(
@@ -157,71 +150,6 @@ def partition(
         )
         start += n
     return stages
-
-
-def _even_blocks(L: int, k: int) -> list[int]:
-    if k > L:
-        raise ValueError(
-            f"cannot split {L} blocks into {k} stages by layers: each stage needs at least one "
-            f"block; use at most {L} stages, balance='params', or explicit blocks per stage"
-        )
-    # The remainder goes to the middle stages first (the edge stages also carry embed and head),
-    # then to the first stage: an embedding lookup is cheap, the head's projection and loss not.
-    base, extra = divmod(L, k)
-    order = sorted(range(k), key=lambda i: (i in (0, k - 1), i == k - 1, abs(i - (k - 1) / 2)))
-    bonus = set(order[:extra])
-    return [base + (i in bonus) for i in range(k)]
-
-
-def _explicit(counts: list[int], L: int, k: int) -> list[int]:
-    if len(counts) != k or any(not isinstance(n, int) or n < 0 for n in counts):
-        raise ValueError(
-            f"balance as a list gives the number of blocks of each of the {k} stages "
-            f"(non-negative integers), got {counts!r}"
-        )
-    if sum(counts) != L:
-        raise ValueError(f"balance {counts} places {sum(counts)} blocks but the model has {L}")
-    for i, n in enumerate(counts):
-        if n == 0 and 0 < i < k - 1:
-            raise ValueError(
-                f"balance {counts} leaves stage {i} empty: only the first stage (embed) and the "
-                f"last (head) may have no blocks"
-            )
-    return counts
-
-
-def _min_max_split(costs: list[float], k: int) -> list[int]:
-    """Blocks per stage for the contiguous split of units that minimises the largest stage.
-
-    Units are ``[embed, block 0, ..., block L-1, head]``; each stage gets at least one unit.
-    """
-    n = len(costs)
-    if k > n:
-        raise ValueError(
-            f"cannot split a model of {n - 2} blocks into {k} stages: with embed and head there "
-            f"are only {n} units; use at most {n} stages"
-        )
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[j][i]: smallest possible max cost splitting units[:i] into j stages.
-    best = [[inf] * (n + 1) for _ in range(k + 1)]
-    cut = [[0] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0.0
-    for j in range(1, k + 1):
-        for i in range(j, n - (k - j) + 1):
-            for c in range(j - 1, i):
-                value = max(best[j - 1][c], prefix[i] - prefix[c])
-                if value < best[j][i]:
-                    best[j][i], cut[j][i] = value, c
-    bounds, i = [], n
-    for j in range(k, 0, -1):
-        bounds.append((cut[j][i], i))
-        i = cut[j][i]
-    bounds.reverse()
-    # Units -> blocks: unit 0 is embed and unit n-1 is head, which do not count as blocks.
-    return [sum(1 for u in range(a, b) if 0 < u < n - 1) for a, b in bounds]
 
 
 def _num_params(module: nn.Module) -> int:

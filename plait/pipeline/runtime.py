@@ -49,6 +49,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 from plait import comm
 from plait.pipeline.schedule import Action, Kind, Schedule
 from plait.pipeline.validate import validate
+from plait.pipeline.walk import Walk, matching_send
 from plait.trace import Event, Timeline
 
 __all__ = ["PipelineRuntime", "split_batch"]
@@ -619,7 +620,7 @@ class _Plan:
             elif prefetch == "timed":
                 # a little before my first compute that starts once the sender has sent, at the
                 # latest at the receive itself
-                t = sent[_matching(a)]
+                t = sent[matching_send(a)]
                 k = next((n for n, c in enumerate(computes) if starts[(rank, c)] >= t), None)
                 if k is None:
                     self.post_at[j] = j
@@ -634,12 +635,6 @@ class _Plan:
             self.recvs_by_source.setdefault(self.source[j], []).append(j)
 
 
-def _matching(recv: Action) -> Action:
-    if recv.kind is Kind.RECV_ACT:
-        return Action(Kind.SEND_ACT, recv.stage - 1, recv.microbatch)
-    return Action(Kind.SEND_GRAD, recv.stage + 1, recv.microbatch)
-
-
 # Post a receive this many compute actions before its sender is expected to send: real timing
 # drifts from unit time, and a receive posted a little early costs a buffer, one posted late costs
 # a round trip (measured on tiny models: 2 beats 0 by about 10% for interleaved 1F1B).
@@ -651,32 +646,21 @@ _UNIT = {Kind.F: 1.0, Kind.B: 1.0, Kind.W: 1.0, Kind.BW: 2.0}
 def _unit_times(schedule: Schedule) -> tuple[dict, dict]:
     """Start time of every compute action ``(rank, index)`` and send time of every send.
 
-    Each rank runs its list in order with F = B = W = 1, BW = 2 and free messages; a receive
-    waits for its send. The schedule is valid, so this terminates.
+    A walk of the schedule (:class:`plait.pipeline.walk.Walk`) with F = B = W = 1, BW = 2 and
+    free messages: each rank runs its list in order; a receive waits for its send.
     """
-    acts = schedule.actions
-    clock = [0.0] * len(acts)
-    pc = [0] * len(acts)
+    clock = [0.0] * schedule.num_ranks
     starts: dict[tuple[int, int], float] = {}
     sent: dict[Action, float] = {}
-    progress = True
-    while progress:
-        progress = False
-        for r, row in enumerate(acts):
-            while pc[r] < len(row):
-                a = row[pc[r]]
-                if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
-                    t = sent.get(_matching(a))
-                    if t is None:
-                        break
-                    clock[r] = max(clock[r], t)
-                elif a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
-                    sent[a] = clock[r]
-                else:
-                    starts[(r, pc[r])] = clock[r]
-                    clock[r] += _UNIT[a.kind]
-                pc[r] += 1
-                progress = True
+    at: dict[tuple[int, int], float] = {}  # the same, by (rank, index)
+    for r, i, a, needs in Walk(schedule):
+        if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+            clock[r] = max(clock[r], at[needs[0]])  # its send
+        elif a.kind in (Kind.SEND_ACT, Kind.SEND_GRAD):
+            sent[a] = at[(r, i)] = clock[r]
+        else:
+            starts[(r, i)] = clock[r]
+            clock[r] += _UNIT[a.kind]
     return starts, sent
 
 

@@ -7,10 +7,11 @@ Example::
     print(explain(res))
 """
 
-from plait.plan.config import SCHEDULES, ParallelConfig
+from plait.config import SCHEDULES, ParallelConfig
+from plait.plan.calibrate import get_hardware
 from plait.plan.cost import CostModel, UniformCosts
 from plait.plan.evaluate import Estimate, evaluate
-from plait.plan.hardware import HARDWARE_PRESETS, HardwareSpec, Link, get_hardware
+from plait.plan.hardware import HARDWARE_PRESETS, HardwareSpec, Link
 from plait.plan.inference import plan_inference
 from plait.plan.model_spec import MODEL_PRESETS, ModelSpec, custom_model, get_model
 from plait.plan.search import SearchResult, search

@@ -25,9 +25,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from plait.plan.hardware import HardwareSpec, Link
+from plait.plan.hardware import HARDWARE_PRESETS, HardwareSpec, Link
 
-__all__ = ["calibrate_local", "cache_path"]
+__all__ = ["get_hardware", "calibrate_local", "cache_path"]
 
 _WIDTHS = (64, 128, 256, 512, 1024)
 
@@ -124,7 +124,7 @@ def _fit_scales(spec: HardwareSpec, timings: dict[str, float]) -> tuple[tuple, t
     less efficiently) and one on the rest of a layer (norms, residuals, per-operation overheads),
     which barely shrinks when the layer is split: two unknowns from the full and the half-width
     timings of :func:`_layer_timings`. Returns both as ``(tokens, factor)`` pairs."""
-    from plait.plan.config import ParallelConfig
+    from plait.config import ParallelConfig
     from plait.plan.cost import CostModel
     from plait.plan.model_spec import get_model
 
@@ -373,3 +373,22 @@ def _measure(verbose: bool) -> HardwareSpec:
         compute_scale_by_tokens=split,
         elementwise_scale_by_tokens=other,
     )
+
+
+def get_hardware(name: str, refresh: bool = False, **overrides) -> HardwareSpec:
+    """A hardware preset by name; ``local`` measures this machine (cached after the first time).
+
+    Example::
+
+        get_hardware("a100-80gb")
+        get_hardware("local")   # ~10 s the first time, then read from ~/.cache/plait
+    """
+    if name == "local":
+        spec = calibrate_local(refresh=refresh)
+    elif name in HARDWARE_PRESETS:
+        spec = HARDWARE_PRESETS[name]
+    else:
+        raise ValueError(
+            f"unknown hardware {name!r}; presets are {sorted(HARDWARE_PRESETS) + ['local']}"
+        )
+    return replace(spec, **overrides) if overrides else spec

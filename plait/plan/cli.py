@@ -13,7 +13,10 @@ Example::
 
 from __future__ import annotations
 
+import argparse
 import json
+
+from plait.config import ParallelConfig, add_parallel_flags
 
 __all__ = ["add_plan_parser", "add_simulate_parser"]
 
@@ -25,7 +28,11 @@ def add_plan_parser(sub) -> None:
         description="Search dp x tp x pp, schedules, micro-batching, recomputation and sequence "
         "parallelism for a model on some hardware; print the best candidates and a verdict.",
     )
-    p.add_argument("--model", default=None, help="model preset (e.g. llama3-70b, gpt3-175b, small)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model preset (e.g. llama3-70b, gpt3-175b, small), hf:DIR or PACKAGE.MODULE:FUNCTION",
+    )
     for flag in ("--layers", "--hidden", "--heads", "--kv-heads", "--ffn", "--vocab"):
         p.add_argument(flag, type=int, default=None, help="custom model shape (instead of --model)")
     p.add_argument(
@@ -41,20 +48,21 @@ def add_plan_parser(sub) -> None:
         "--global-batch", type=int, default=None, help="sequences per step (default 8 per GPU)"
     )
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's")
-    p.add_argument("--dtype", default=None, help="bf16, fp16, fp32 (default bf16; fp32 on local)")
-    p.add_argument("--dp", type=int, default=None)
-    p.add_argument("--tp", type=int, default=None)
-    p.add_argument("--pp", type=int, default=None)
-    p.add_argument("--microbatch-size", type=int, default=None)
-    p.add_argument(
-        "--schedule", default=None, help="none, gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-v"
+    # one configuration to evaluate (all of --dp --tp --pp --microbatch-size), or fixed choices
+    # for the search; dtype defaults to bf16 (fp32 on --hardware local)
+    add_parallel_flags(
+        p,
+        ["dtype", "dp", "tp", "pp", "microbatch_size", "schedule", "virtual", "recompute"],
+        search=True,
     )
-    p.add_argument("--virtual", type=int, default=None, help="chunks per rank (interleaved-1f1b)")
-    p.add_argument("--recompute", default=None, choices=["none", "selective", "full"])
     p.add_argument(
-        "--sp", dest="sp", action="store_true", default=None, help="sequence parallelism on"
+        "--sequence-parallel",
+        "--sp",
+        dest="sequence_parallel",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="sequence parallelism on or off (default: on whenever tp > 1)",
     )
-    p.add_argument("--no-sp", dest="sp", action="store_false", help="sequence parallelism off")
     p.add_argument(
         "--no-flash",
         action="store_true",
@@ -80,7 +88,12 @@ def _model(args):
     shape = [args.layers, args.hidden, args.heads, args.vocab]
     if args.model and any(v is not None for v in shape):
         raise ValueError("give either --model or --layers/--hidden/--heads/--vocab, not both")
-    if args.model:
+    if args.model and ":" in args.model:
+        # hf:DIR or PACKAGE.MODULE:FUNCTION -- the shape comes from the model itself
+        from plait.models.source import resolve_model
+
+        spec = resolve_model(args.model).spec()
+    elif args.model:
         spec = get_model(args.model)
     elif all(v is not None for v in shape):
         spec = custom_model(
@@ -102,7 +115,6 @@ def _model(args):
 
 
 def _given_config(args, model, hw, seq, dtype, flash):
-    from plait.plan.config import ParallelConfig
     from plait.plan.evaluate import evaluate
 
     dp, tp, pp, mbs = args.dp, args.tp, args.pp, args.microbatch_size
@@ -119,13 +131,23 @@ def _given_config(args, model, hw, seq, dtype, flash):
             f"--global-batch {args.global_batch} is not a multiple of dp x microbatch-size = {dp * mbs}"
         )
     m = args.global_batch // (dp * mbs)
-    sched = args.schedule or ("1f1b" if pp > 1 else "none")
-    v = args.virtual or (2 if sched in ("interleaved-1f1b", "interleaved", "zb-v") else 1)
-    sp = args.sp if args.sp is not None else tp > 1
+    sched = args.schedule or "1f1b"
+    sp = args.sequence_parallel if args.sequence_parallel is not None else tp > 1
     rcs = [args.recompute] if args.recompute else ["none", "selective", "full"]
     est = None
     for rc in rcs:
-        cfg = ParallelConfig(dp, tp, pp, mbs, m, sched, v, rc, sp, dtype)
+        cfg = ParallelConfig(
+            dp=dp,
+            tp=tp,
+            pp=pp,
+            microbatch_size=mbs,
+            num_microbatches=m,
+            schedule=sched,
+            virtual=args.virtual,
+            recompute=rc,
+            sequence_parallel=sp,
+            dtype=dtype,
+        )
         est = evaluate(model, hw, cfg, seq, simulate=True, flash_attention=flash)
         if est.fits:
             break
@@ -133,7 +155,7 @@ def _given_config(args, model, hw, seq, dtype, flash):
 
 
 def _cmd_plan(args) -> int:
-    from plait.plan.hardware import get_hardware
+    from plait.plan.calibrate import get_hardware
     from plait.plan.inference import plan_inference
     from plait.plan.search import search
     from plait.plan.verdict import explain, format_table, schedule_costs_note
@@ -166,7 +188,7 @@ def _cmd_plan(args) -> int:
         args.global_batch,
         seq,
         recompute=[args.recompute] if args.recompute else None,
-        sequence_parallel=args.sp,
+        sequence_parallel=args.sequence_parallel,
         dtype=dtype,
         flash_attention=flash,
         keep=max(args.top, 10),
@@ -225,10 +247,8 @@ def add_simulate_parser(sub) -> None:
         description="Run a schedule through the discrete-event simulator with uniform costs "
         "(F, B, W in seconds) and report step time, bubble and micro-batches in flight.",
     )
-    p.add_argument("--schedule", required=True, help="gpipe, 1f1b, interleaved-1f1b, zb-h1, zb-v")
     p.add_argument("--stages", type=int, required=True, help="pipeline ranks p")
-    p.add_argument("--microbatches", type=int, required=True)
-    p.add_argument("--virtual", type=int, default=None)
+    add_parallel_flags(p, ["schedule", "virtual", "num_microbatches"])
     p.add_argument("--f", type=float, default=1.0, help="forward time of a stage")
     p.add_argument("--b", type=float, default=1.0, help="backward-for-inputs time")
     p.add_argument("--w", type=float, default=1.0, help="backward-for-weights time")
@@ -244,11 +264,24 @@ def _cmd_simulate(args) -> int:
     from plait.plan.cost import UniformCosts
     from plait.plan.simulator import simulate
 
-    sched = build_schedule(args.schedule, args.stages, args.microbatches, args.virtual)
+    for name in ("f", "b", "w", "comm"):
+        value = getattr(args, name)
+        if not (value > 0 or (name == "comm" and value == 0)) or value == float("inf"):
+            valid = "finite and >= 0" if name == "comm" else "finite and > 0"
+            raise ValueError(f"--{name} {value} is not a time: it must be {valid}")
+    if args.stages < 2:
+        raise ValueError(f"--stages must be at least 2 for a pipeline, got {args.stages}")
+    cfg = ParallelConfig(
+        pp=args.stages,
+        schedule=args.schedule,
+        virtual=args.virtual,
+        num_microbatches=args.num_microbatches,
+    )
+    sched = build_schedule(cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.virtual)
     v = sched.virtual
     # A chunk of an interleaved or V schedule holds 1/v of the rank's layers.
     res = simulate(sched, UniformCosts(args.f / v, args.b / v, args.w / v, args.comm))
-    p, m = args.stages, args.microbatches
+    p, m = cfg.pp, cfg.num_microbatches
     out = {
         "schedule": sched.name,
         "stages": p,

@@ -14,7 +14,8 @@ the network.
 
 Example::
 
-    cm = CostModel(get_model("llama3-8b"), get_hardware("h100-sxm"), ParallelConfig(tp=8), seq=8192)
+    cfg = ParallelConfig(tp=8, dtype="bf16")
+    cm = CostModel(get_model("llama3-8b"), get_hardware("h100-sxm"), cfg, seq=8192)
     cm.compute("F", stage=0)       # seconds for one micro-batch's forward of stage 0
     cm.dp_allreduce_time()
 """
@@ -23,12 +24,14 @@ from __future__ import annotations
 
 from functools import cached_property
 
-from plait.mesh import MeshShape
-from plait.plan.config import ParallelConfig
+from plait.config import ParallelConfig
+from plait.mesh_shape import MeshShape
+from plait.pipeline.generators import stage_to_rank_for
+from plait.pipeline.split import split_blocks
 from plait.plan.hardware import DTYPE_BYTES, HardwareSpec, Link
 from plait.plan.model_spec import ModelSpec
 
-__all__ = ["CostModel", "UniformCosts", "split_layers"]
+__all__ = ["CostModel", "UniformCosts"]
 
 # Element-wise traffic per layer as a multiple of the activation bytes a layer keeps: the forward
 # writes each kept tensor once and reads it about once more; the backward reads activations and
@@ -37,24 +40,6 @@ _ELEMWISE_FWD = 2.0
 _ELEMWISE_BWD = 3.0
 # Kernels per layer: forward, backward for inputs, backward for weights.
 _KERNELS = {"F": 24, "B": 36, "W": 8}
-
-
-def split_layers(layers: int, stages: int) -> list[int]:
-    """Layers per stage, as even as possible; spare layers go to the middle stages first, since
-    the first stage also holds the embedding and the last the output head.
-
-    Example::
-
-        split_layers(10, 4)  # [2, 3, 3, 2]
-    """
-    if stages < 1 or stages > layers:
-        raise ValueError(f"cannot split {layers} layers into {stages} stages (need 1..{layers})")
-    base, extra = divmod(layers, stages)
-    counts = [base] * stages
-    order = list(range(1, stages - 1)) + [stages - 1, 0] if stages > 2 else list(range(stages))
-    for i in order[:extra]:
-        counts[i] += 1
-    return counts
 
 
 class CostModel:
@@ -85,18 +70,27 @@ class CostModel:
         hw.flops(cfg.dtype)  # raises if the hardware has no figure for this dtype
         self.dtype_bytes = DTYPE_BYTES[cfg.dtype]
         self.mesh = MeshShape(dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
-        self.layers = split_layers(model.layers, cfg.num_stages)
-        # Stage s lives on pipeline rank stage_to_rank(s): round-robin (interleaved), or V-shape.
-        p = cfg.pp
-        if cfg.schedule == "zb-v":
-            self.stage_rank = [s if s < p else 2 * p - 1 - s for s in range(cfg.num_stages)]
-        else:
-            self.stage_rank = [s % p for s in range(cfg.num_stages)]
+        # Stage s lives where the schedule's generator places it (round-robin, or a V).
+        self.stage_rank = stage_to_rank_for(cfg.schedule, cfg.pp, cfg.virtual)
         # Workers sharing CPU cores: the slowest sets a step's pace, and more workers than cores
         # take turns.
         self.slowdown = 1.0
         if hw.shared_cores and cfg.gpus > 1:
             self.slowdown = hw.straggler_factor * max(1.0, cfg.gpus / hw.shared_cores)
+
+    @cached_property
+    def layers(self) -> list[int]:
+        """Layers per stage, by the partitioner's own rule (:func:`plait.pipeline.split_blocks`)
+        for the configuration's ``balance``: the stages the runtime builds."""
+        m, balance, costs = self.model, self.cfg.balance, None
+        if balance == "params":
+            head = m.head_params() + (m.vocab * m.hidden if m.tied_embeddings else 0)
+            costs = [m.embedding_params(), *[m.params_per_layer()] * m.layers, head]
+        elif balance == "time":
+            lt, embed, head = self.layer_times, self._embed_times(), self._head_times()
+            unit = [sum(d[k] for k in ("F", "B", "W")) for d in (embed, lt, head)]
+            costs = [unit[0], *[unit[1]] * m.layers, unit[2]]
+        return split_blocks(m.layers, self.cfg.num_stages, balance, costs)
 
     # ------------------------------------------------------------------ links
     @cached_property
@@ -134,7 +128,7 @@ class CostModel:
     def _elementwise_bytes(self, b: int) -> float:
         m = self.model
         kept = m.activation_bytes_per_layer(
-            self.seq, b, self.cfg.tp, self.cfg.sp, "none", self.dtype_bytes
+            self.seq, b, self.cfg.tp, self.cfg.sequence_parallel, "none", self.dtype_bytes
         )
         if self.flash:  # no seq x seq tensors in memory
             kept -= self.dtype_bytes / 2 * 5 * m.heads * self.seq**2 * b / self.cfg.tp
@@ -147,7 +141,7 @@ class CostModel:
         if t == 1:
             return 0.0
         nbytes = b * self.seq * self.model.hidden * self.dtype_bytes
-        if self.cfg.sp:
+        if self.cfg.sequence_parallel:
             return 4 * self.tp_link.all_gather_time(nbytes, t)
         return 2 * self.tp_link.all_reduce_time(nbytes, t)
 
@@ -258,7 +252,7 @@ class CostModel:
             self.seq,
             self.cfg.microbatch_size,
             self.cfg.tp,
-            self.cfg.sp,
+            self.cfg.sequence_parallel,
             self.cfg.recompute,
             self.dtype_bytes,
         ) - (
@@ -288,7 +282,7 @@ class CostModel:
         if self.stage_rank[src_stage] == self.stage_rank[dst_stage]:
             return 0.0
         t = self.pp_link(src_stage, dst_stage).p2p_time(self.boundary_bytes())
-        if self.cfg.tp > 1 and not self.cfg.sp:
+        if self.cfg.tp > 1 and not self.cfg.sequence_parallel:
             t += self.tp_link.all_gather_time(self.boundary_bytes() * self.cfg.tp, self.cfg.tp)
         return t
 

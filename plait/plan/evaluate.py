@@ -10,7 +10,7 @@ Example::
 
     est = evaluate(get_model("gpt3-175b"), get_hardware("a100-80gb"),
                    ParallelConfig(dp=8, tp=8, pp=8, microbatch_size=1, num_microbatches=64,
-                                  schedule="1f1b", recompute="selective", sp=True))
+                                  schedule="1f1b", recompute="selective", sequence_parallel=True))
     est.step_time_s, est.tflops_per_gpu, est.memory_gb_per_gpu
 """
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+from plait.config import ParallelConfig
 from plait.pipeline.schedule import Action, Kind, Schedule
-from plait.plan.config import ParallelConfig
 from plait.plan.cost import CostModel
 from plait.plan.hardware import HardwareSpec
 from plait.plan.memory import MemoryBreakdown, analytic_in_flight, memory_per_device
@@ -153,7 +153,7 @@ class Estimate:
             "microbatch_size": c.microbatch_size,
             "num_microbatches": c.num_microbatches,
             "recompute": c.recompute,
-            "sequence_parallel": c.sp,
+            "sequence_parallel": c.sequence_parallel,
             "dtype": c.dtype,
             "step_time_s": self.step_time_s,
             "tflops_per_gpu": self.tflops_per_gpu,

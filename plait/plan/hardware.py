@@ -1,7 +1,7 @@
 """What a machine can do: FLOP/s by dtype, memory, links inside and between nodes.
 
 Presets describe common GPUs from their data sheets; ``local`` is this machine, measured by
-:func:`plait.plan.calibrate.calibrate_local` (and cached). Bandwidths are achievable figures in
+:func:`plait.plan.calibrate.calibrate_local` (and cached; :func:`plait.plan.get_hardware` takes a name). Bandwidths are achievable figures in
 bytes per second per device and direction (what NCCL's "bus bandwidth" reports), not the marketing
 bidirectional totals.
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import bisect
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
-__all__ = ["HardwareSpec", "Link", "HARDWARE_PRESETS", "get_hardware", "DTYPE_BYTES"]
+__all__ = ["HardwareSpec", "Link", "HARDWARE_PRESETS", "DTYPE_BYTES"]
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 
@@ -295,24 +295,3 @@ HARDWARE_PRESETS: dict[str, HardwareSpec] = {
         source="NVIDIA H200 SXM datasheet; HGX H200 (NVSwitch, 8x NDR)",
     ),
 }
-
-
-def get_hardware(name: str, refresh: bool = False, **overrides) -> HardwareSpec:
-    """A hardware preset by name; ``local`` measures this machine (cached after the first time).
-
-    Example::
-
-        get_hardware("a100-80gb")
-        get_hardware("local")   # ~10 s the first time, then read from ~/.cache/plait
-    """
-    if name == "local":
-        from plait.plan.calibrate import calibrate_local
-
-        spec = calibrate_local(refresh=refresh)
-    elif name in HARDWARE_PRESETS:
-        spec = HARDWARE_PRESETS[name]
-    else:
-        raise ValueError(
-            f"unknown hardware {name!r}; presets are {sorted(HARDWARE_PRESETS) + ['local']}"
-        )
-    return replace(spec, **overrides) if overrides else spec

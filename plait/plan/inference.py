@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from plait.mesh import MeshShape
+from plait.mesh_shape import MeshShape
 from plait.plan.hardware import DTYPE_BYTES, HardwareSpec
 from plait.plan.model_spec import ModelSpec
 

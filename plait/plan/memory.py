@@ -9,7 +9,7 @@ activations while that layer is recomputed, and the last stage holds a micro-bat
 
 Example::
 
-    cm = CostModel(get_model("llama2-70b"), get_hardware("a100-80gb"), ParallelConfig(tp=8, pp=1))
+    cm = CostModel(get_model("llama2-70b"), get_hardware("a100-80gb"), ParallelConfig(tp=8, dtype="bf16"))
     memory_per_device(cm, in_flight=[1.0]).total / 1e9   # GB on the busiest device
 """
 
@@ -88,7 +88,9 @@ def memory_per_device(cm: CostModel, in_flight: list[float]) -> MemoryBreakdown:
         acts = in_flight[r] * len(stages) * layers * cm.activation_bytes()
         transient = 0.0
         if cfg.recompute == "full":
-            transient += m.working_bytes_per_layer(cm.seq, b, cfg.tp, cfg.sp, cm.dtype_bytes)
+            transient += m.working_bytes_per_layer(
+                cm.seq, b, cfg.tp, cfg.sequence_parallel, cm.dtype_bytes
+            )
         if last in stages:
             transient += m.logits_bytes(cm.seq, b, cfg.tp)
         mb = MemoryBreakdown(r, static, acts, transient)

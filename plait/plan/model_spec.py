@@ -250,7 +250,7 @@ def _llama(name, layers, hidden, heads, kv, ffn, vocab, seq):
 def _plait(name: str) -> ModelSpec:
     # plait's own reference transformer (plait.models): GELU MLP with biases, learned positions,
     # untied head; its parameter count matches ModelConfig.num_parameters() exactly.
-    from plait.models.transformer import PRESETS
+    from plait.models.config import PRESETS
 
     c = PRESETS[name]
     return ModelSpec(

@@ -18,9 +18,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from plait.plan.config import ParallelConfig
+from plait.config import ParallelConfig
+from plait.plan.calibrate import get_hardware
 from plait.plan.evaluate import Estimate, evaluate
-from plait.plan.hardware import get_hardware
 from plait.plan.model_spec import MODEL_PRESETS, ModelSpec, custom_model
 
 __all__ = ["load_rows", "model_of_row", "predict_row", "plan_row", "calibration_dir"]
@@ -68,7 +68,17 @@ def _paper_configs(row: dict, model: ModelSpec):
             sched = "none" if pp == 1 else ("interleaved-1f1b" if v > 1 else "1f1b")
             if sched == "interleaved-1f1b" and m % pp:
                 continue
-            yield ParallelConfig(dp, tp, pp, mbs, m, sched, v, "full", False, "fp16")
+            yield ParallelConfig(
+                dp=dp,
+                tp=tp,
+                pp=pp,
+                microbatch_size=mbs,
+                num_microbatches=m,
+                schedule=sched,
+                virtual=v,
+                recompute="full",
+                dtype="fp16",
+            )
 
 
 def predict_row(row: dict, simulate: bool = True) -> Estimate:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from plait.plan.config import ParallelConfig, normalise_schedule
+from plait.config import ParallelConfig, resolve_schedule
 from plait.plan.evaluate import Estimate, evaluate
 from plait.plan.hardware import HardwareSpec
 from plait.plan.memory import BYTES_PER_PARAM
@@ -120,7 +120,7 @@ def search(
         raise ValueError(f"--global-batch must be a positive integer, got {global_batch!r}")
     seq = seq or model.seq_len
     scheds = [
-        normalise_schedule(s) for s in (schedules or ["1f1b", "interleaved-1f1b", "zb-h1", "zb-v"])
+        resolve_schedule(s) for s in (schedules or ["1f1b", "interleaved-1f1b", "zb-h1", "zb-v"])
     ]
     rcs = recompute or list(RECOMPUTE)
     for r in rcs:
@@ -166,7 +166,18 @@ def search(
                     for sp in sps:
                         last = None
                         for rc in rcs:
-                            cfg = ParallelConfig(dp, tp, pp, mbs, m, sched, v, rc, sp, dtype)
+                            cfg = ParallelConfig(
+                                dp=dp,
+                                tp=tp,
+                                pp=pp,
+                                microbatch_size=mbs,
+                                num_microbatches=m,
+                                schedule=sched,
+                                virtual=v,
+                                recompute=rc,
+                                sequence_parallel=sp,
+                                dtype=dtype,
+                            )
                             est = evaluate(
                                 model, hw, cfg, seq, simulate=False, flash_attention=flash_attention
                             )

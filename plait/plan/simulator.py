@@ -6,7 +6,8 @@ puts a transfer on the link from this rank to the peer's (one transfer at a time
 the order the sender posts them); a ``RECV_*`` waits until that transfer has arrived. Where a
 schedule leaves a transfer implicit (no send/receive actions), the data travels when it is
 produced. Sends run beside compute (GPU copy engines) unless the costs say they occupy the
-sender (``p2p_blocks_compute``: gloo on CPU).
+sender (``p2p_blocks_compute``: gloo on CPU). What waits for what is
+:class:`plait.pipeline.walk.Walk`'s rule, the validator's.
 
 The result is a :class:`plait.trace.Timeline` in the same format as a measured run, so the two
 can be laid over each other, plus the step time, bubble fraction, and per rank the peak number of
@@ -28,13 +29,10 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from plait.pipeline.schedule import Kind, Schedule
+from plait.pipeline.walk import RECVS, SENDS, ScheduleError, Walk, peer_stage
 from plait.trace import Event, Timeline
 
 __all__ = ["simulate", "SimResult", "StageCosts", "ScheduleError"]
-
-
-class ScheduleError(ValueError):
-    """The schedule cannot run: an action on the wrong rank, out of order, or a deadlock."""
 
 
 class StageCosts(Protocol):
@@ -67,66 +65,36 @@ class SimResult:
     rank_end: list[float] = field(default_factory=list)
 
 
-_SENDS = {Kind.SEND_ACT: ("act", 1), Kind.SEND_GRAD: ("grad", -1)}
-_RECVS = {Kind.RECV_ACT: "act", Kind.RECV_GRAD: "grad"}
 _COMPUTE_NAMES = frozenset({"F", "B", "W", "BW"})
+_NAME = {k: k.value for k in Kind}
 
 
 def simulate(schedule: Schedule, costs: StageCosts, source: str = "simulated") -> SimResult:
     """Run ``schedule`` with ``costs``; see the module docstring.
 
     Raises:
-        ScheduleError: an action sits on a rank that does not hold its stage, a backward comes
-            before its forward, or the ranks wait on each other forever (named in the message).
+        ScheduleError: the schedule is malformed (an action on a rank that does not hold its
+            stage, ...), an action comes before what it needs, or the ranks wait on each other
+            forever: the same rules and messages as :func:`plait.pipeline.validate`, from
+            :class:`plait.pipeline.walk.Walk`.
     """
+    walk = Walk(schedule)  # checks the shape
     S, P = schedule.num_stages, schedule.num_ranks
     s2r = schedule.stage_to_rank
-    if len(s2r) != S or any(not 0 <= r < P for r in s2r):
-        raise ScheduleError(
-            f"stage_to_rank {s2r} must name a rank in 0..{P - 1} for each of {S} stages"
-        )
-    if len(schedule.actions) != P:
-        raise ScheduleError(f"schedule has {len(schedule.actions)} action lists for {P} ranks")
     virtual = max(1, S // P)
     chunk_bytes = getattr(costs, "stage_activation_bytes", None)
     blocking = bool(getattr(costs, "p2p_blocks_compute", False))
-
-    explicit = set()  # (what, dst_stage, mb) that travel by an explicit SEND
-    for acts in schedule.actions:
-        for a in acts:
-            if a.kind in _SENDS:
-                what, d = _SENDS[a.kind]
-                explicit.add((what, a.stage + d, a.microbatch))
-
-    ready: dict[tuple, float] = {}  # (what, stage, mb) -> time it is usable on the stage's rank
-    waiters: dict[tuple, list[int]] = defaultdict(list)
-    done_f: dict[tuple[int, int], float] = {}
-    done_b: dict[tuple[int, int], float] = {}
+    implicit_out = walk.implicit_out
+    # when each action's output is usable on the rank that needs it from here: a send's arrival,
+    # or an implicit transfer's
+    arrive = [[0.0] * len(acts) for acts in schedule.actions]
     link_free: dict[tuple[int, int], float] = defaultdict(float)
     clock = [0.0] * P
-    pc = [0] * P
     events: list[Event] = []
     held = [0.0] * P
     held_bytes = [0.0] * P
     peak = [0.0] * P
     peak_bytes = [0.0] * P
-
-    def publish(key: tuple, t: float, queue: list[int]) -> None:
-        ready[key] = t
-        queue.extend(waiters.pop(key, ()))
-
-    def implicit(what: str, src: int, dst: int, mb: int, t: float, queue: list[int]) -> None:
-        """Data produced at ``t`` on ``src`` for ``dst`` without an explicit send."""
-        if not 0 <= dst < S or (what, dst, mb) in explicit:
-            return
-        if s2r[src] == s2r[dst]:
-            publish((what, dst, mb), t, queue)
-            return
-        lk = (s2r[src], s2r[dst])
-        start = max(t, link_free[lk])
-        end = start + costs.transfer(src, dst)
-        link_free[lk] = end
-        publish((what, dst, mb), end, queue)
 
     def free(r: int, stage: int, share: float, whole: bool) -> None:
         # A micro-batch counts as in flight until its weights' backward is done (as the
@@ -136,82 +104,52 @@ def simulate(schedule: Schedule, costs: StageCosts, source: str = "simulated") -
         if chunk_bytes:
             held_bytes[r] -= share * chunk_bytes(stage)
 
-    queue = list(range(P))
-    while queue:
-        r = queue.pop()
-        acts = schedule.actions[r]
-        while pc[r] < len(acts):
-            a = acts[pc[r]]
-            k, s, mb = a.kind, a.stage, a.microbatch
-            if not 0 <= s < S:
-                raise ScheduleError(f"rank {r}: action {a} names stage {s}; stages are 0..{S - 1}")
-            if a.is_compute and s2r[s] != r:
-                raise ScheduleError(f"rank {r}: action {a} but stage {s} lives on rank {s2r[s]}")
-            # what this action waits for (None: nothing from elsewhere)
-            need = None
-            if k == Kind.F and s > 0:
-                need = ("act", s, mb)
-            elif k in (Kind.B, Kind.BW) and s < S - 1:
-                need = ("grad", s, mb)
-            elif k in _RECVS:
-                need = (_RECVS[k], s, mb)
-            if need is not None and need not in ready:
-                waiters[need].append(r)
-                break
-            t = clock[r]
-            dep = ready[need] if need is not None else 0.0
-            if k in _RECVS:
-                if dep > t:
-                    events.append(Event(r, str(a), k.value, t, dep, s, mb))
-                clock[r] = max(t, dep)
-            elif k in _SENDS:
-                what, d = _SENDS[k]
-                produced = done_f.get((s, mb)) if what == "act" else done_b.get((s, mb))
-                if produced is None:
-                    raise ScheduleError(f"rank {r}: {a} before the action that produces it")
-                dst = s + d
-                if not 0 <= dst < S:
-                    raise ScheduleError(f"rank {r}: {a} sends to stage {dst}, which does not exist")
-                lk = (r, s2r[dst])
-                start = max(t, produced, link_free[lk])
-                end = start + (costs.transfer(s, dst) if s2r[dst] != r else 0.0)
-                link_free[lk] = end
-                events.append(Event(r, str(a), k.value, start, end, s, mb))
-                if blocking:
-                    clock[r] = end
-                publish((what, dst, mb), end, queue)
-            else:
-                if k in (Kind.B, Kind.BW, Kind.W) and (s, mb) not in done_f:
-                    raise ScheduleError(f"rank {r}: {a} comes before F{s}.{mb}")
-                if k == Kind.W and (s, mb) not in done_b:
-                    raise ScheduleError(f"rank {r}: {a} comes before B{s}.{mb}")
-                start = max(t, dep)
-                end = start + costs.compute(k.value, s, mb)
-                events.append(Event(r, str(a), k.value, start, end, s, mb))
+    for r, i, a, needs in walk:
+        k, s, mb = a.kind, a.stage, a.microbatch
+        name = _NAME[k]
+        t = clock[r]
+        # Inputs made on this rank are there by t; one from another rank when it arrives.
+        dep = 0.0
+        for q, j in needs:
+            if q != r:
+                dep = arrive[q][j]
+        if k in RECVS:
+            if dep > t:
+                events.append(Event(r, f"{name}{s}.{mb}", name, t, dep, s, mb))
+            clock[r] = max(t, dep)
+        elif k in SENDS:
+            # one transfer at a time per link, in the order the sender posts them
+            dst = peer_stage(a)
+            lk = (r, s2r[dst])
+            start = max(t, link_free[lk])
+            end = start + costs.transfer(s, dst)
+            link_free[lk] = end
+            events.append(Event(r, f"{name}{s}.{mb}", name, start, end, s, mb))
+            if blocking:
                 clock[r] = end
-                if k == Kind.F:
-                    done_f[(s, mb)] = end
-                    held[r] += 1 / virtual
-                    if chunk_bytes:
-                        held_bytes[r] += chunk_bytes(s)
-                    peak[r] = max(peak[r], held[r])
-                    peak_bytes[r] = max(peak_bytes[r], held_bytes[r])
-                    implicit("act", s, s + 1, mb, end, queue)
-                elif k in (Kind.B, Kind.BW):
-                    done_b[(s, mb)] = end
-                    # B frees what only the input gradient needed; W frees the rest.
-                    free(r, s, 1.0 if k == Kind.BW else 0.5, k == Kind.BW)
-                    implicit("grad", s, s - 1, mb, end, queue)
-                else:
-                    free(r, s, 0.5, True)
-            pc[r] += 1
-    stuck = [
-        f"rank {r} at {schedule.actions[r][pc[r]]}"
-        for r in range(P)
-        if pc[r] < len(schedule.actions[r])
-    ]
-    if stuck:
-        raise ScheduleError("deadlock: every rank waits on another: " + "; ".join(stuck))
+            arrive[r][i] = end
+        else:
+            start = max(t, dep)
+            end = start + costs.compute(name, s, mb)
+            events.append(Event(r, f"{name}{s}.{mb}", name, start, end, s, mb))
+            clock[r] = end
+            if k is Kind.F:
+                held[r] += 1 / virtual
+                if chunk_bytes:
+                    held_bytes[r] += chunk_bytes(s)
+                peak[r] = max(peak[r], held[r])
+                peak_bytes[r] = max(peak_bytes[r], held_bytes[r])
+            elif k is Kind.W:
+                free(r, s, 0.5, True)
+            else:
+                # B frees what only the input gradient needed; W frees the rest.
+                free(r, s, 1.0 if k is Kind.BW else 0.5, k is Kind.BW)
+            if implicit_out and (r, i) in implicit_out:
+                # no send in the schedule: the data travels when it is made
+                dst = implicit_out[(r, i)]
+                lk = (r, s2r[dst])
+                start = max(end, link_free[lk])
+                arrive[r][i] = link_free[lk] = start + costs.transfer(s, dst)
     tl = Timeline(P, events, source)
     span = tl.span
     # Compute actions of one rank never overlap, so busy time is a plain sum (Timeline's general

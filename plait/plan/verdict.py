@@ -60,7 +60,7 @@ def format_table(res: SearchResult, n: int = 8) -> str:
         c = e.config
         sched = c.schedule + (f" v{c.virtual}" if c.schedule == "interleaved-1f1b" else "")
         rows.append(
-            f"{i:>2} {c.dp:>4} {c.tp:>3}{'s' if c.sp else ' '}{c.pp:>3} {sched:<18} "
+            f"{i:>2} {c.dp:>4} {c.tp:>3}{'s' if c.sequence_parallel else ' '}{c.pp:>3} {sched:<18} "
             f"{c.microbatch_size:>2}x{c.num_microbatches:<3} {c.recompute:<9} {e.step_time_s:>8.3f} "
             f"{e.tflops_per_gpu:>8.1f} {e.mfu:>5.1%} {e.bubble_fraction:>7.1%} "
             f"{e.memory_gb_per_gpu:>7.1f}  {e.method}"

@@ -227,5 +227,3 @@ def load_state(path, params, full_shapes, opt, mesh, owns) -> int:
                 },
             }
     return int(state["step"])
-
-

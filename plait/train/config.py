@@ -1,21 +1,26 @@
 """What a training run depends on: :class:`TrainConfig`, checked before any process starts.
 
+How the step is split (mesh, schedule, micro-batches, recomputation, dtype) is the one
+:class:`plait.config.ParallelConfig` that every command shares; the rest is the run's own.
+
 Example::
 
-    cfg = TrainConfig(model="tiny", steps=50, pp=2, tp=2, schedule="1f1b")
+    cfg = TrainConfig(model="tiny", steps=50, parallel=ParallelConfig(pp=2, tp=2))
     cfg.validate()      # ValueError naming the first bad setting
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
+from plait.config import ParallelConfig
 from plait.models import get_config
 
-__all__ = ["TrainConfig", "lr_at"]
+__all__ = ["TrainConfig", "lr_at", "TRAIN_DTYPES"]
 
-DTYPE_NAMES = ("float32", "float64", "bfloat16")
+# Compute dtypes training runs in (a whole-model cast); fp16 needs loss scaling, not built yet.
+TRAIN_DTYPES = ("fp32", "fp64", "bf16")
 
 
 @dataclass
@@ -24,7 +29,7 @@ class TrainConfig:
 
     Example::
 
-        metrics = train(TrainConfig(model="tiny", steps=50, pp=2, tp=2, schedule="1f1b"))
+        metrics = train(TrainConfig(model="tiny", steps=50, parallel=ParallelConfig(pp=2, tp=2)))
         metrics[-1]["loss"] < metrics[0]["loss"]
     """
 
@@ -41,18 +46,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     data: str | None = None
-    dtype: str = "float32"
-    # the mesh
-    dp: int = 1
-    pp: int = 1
-    tp: int = 1
-    schedule: str = "1f1b"
-    microbatches: int | None = None
-    virtual: int | None = None
-    schedule_costs: tuple[float, float, float] | None = None
-    balance: str = "layers"
-    activation_checkpointing: bool = False
-    sequence_parallel: bool = False
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     zero1: bool = False
     # outputs and fault tolerance
     metrics_out: str | None = None
@@ -66,18 +60,13 @@ class TrainConfig:
 
     @property
     def world_size(self) -> int:
-        return self.dp * self.pp * self.tp
+        return self.parallel.world_size
 
-    @property
-    def num_microbatches(self) -> int:
-        return self.microbatches or max(1, self.pp)
-
-    @property
-    def num_virtual(self) -> int:
-        """Model chunks per pipeline rank: as given, else 2 for V-shaped and interleaved."""
-        if self.virtual is not None:
-            return self.virtual
-        return 2 if self.schedule in ("zb-v", "interleaved-1f1b") and self.pp > 1 else 1
+    def parallel_for_plan(self) -> ParallelConfig:
+        """The parallel configuration with the micro-batch size this run's batch gives (what the
+        planner costs for it)."""
+        pc = self.parallel
+        return replace(pc, microbatch_size=max(1, self.batch_size // pc.dp // pc.num_microbatches))
 
     def model_config(self):
         """The model preset, with ``n_layers`` replaced when given."""
@@ -86,19 +75,27 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting (before any process starts)."""
         mcfg = self.model_config()
-        for name in ("steps", "batch_size", "seq_len", "dp", "pp", "tp", "num_virtual"):
+        pc = self.parallel
+        if not isinstance(pc, ParallelConfig):
+            raise ValueError(f"parallel must be a plait.ParallelConfig, got {type(pc).__name__}")
+        for name in ("steps", "batch_size", "seq_len"):
             value = getattr(self, name)
-            name = "virtual" if name == "num_virtual" else name
             if not isinstance(value, int) or value < 1:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}"
                 )
-        if self.microbatches is not None and self.microbatches < 1:
-            raise ValueError(f"--microbatches must be >= 1, got {self.microbatches}")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"--dtype {self.dtype!r} is not one of {list(DTYPE_NAMES)}")
+        if pc.dtype not in TRAIN_DTYPES:
+            raise ValueError(
+                f"--dtype {pc.dtype!r} cannot train yet (no loss scaling); use one of "
+                f"{list(TRAIN_DTYPES)}"
+            )
+        if pc.recompute == "selective":
+            raise ValueError(
+                "--recompute selective is modelled by the planner only; plait train recomputes "
+                "'none' or 'full' (each block)"
+            )
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"--lr-schedule {self.lr_schedule!r} is not 'constant' or 'cosine'")
         if self.seq_len > mcfg.max_seq_len:
@@ -106,22 +103,23 @@ class TrainConfig:
                 f"--seq-len {self.seq_len} exceeds model {self.model!r}'s "
                 f"max_seq_len={mcfg.max_seq_len}"
             )
-        if self.batch_size % self.dp:
+        if self.batch_size % pc.dp:
             raise ValueError(
                 f"--batch-size {self.batch_size} must divide evenly over --dp "
-                f"{self.dp} replicas (try {self.dp * max(1, self.batch_size // self.dp)})"
+                f"{pc.dp} replicas (try {pc.dp * max(1, self.batch_size // pc.dp)})"
             )
-        local = self.batch_size // self.dp
-        if self.num_microbatches > local:
+        local = self.batch_size // pc.dp
+        if pc.num_microbatches > local:
             raise ValueError(
-                f"--microbatches {self.num_microbatches} exceeds the "
+                f"--microbatches {pc.num_microbatches} exceeds the "
                 f"{local} sequences each replica gets per step"
             )
         if self.resume and not self.checkpoint_dir:
             raise ValueError("--resume needs --checkpoint-dir")
-        from plait.train.parts import validate_parallel
+        if pc.pp > 1 or pc.tp > 1:  # the split is checked on the model itself (loads torch)
+            from plait.train.parts import validate_parallel
 
-        validate_parallel(self, mcfg)
+            validate_parallel(self, mcfg)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -135,4 +133,3 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (
         cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     )
-

@@ -38,8 +38,7 @@ from plait.train.zero import ZeroAdamW
 
 __all__ = ["train", "run_rank"]
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 
 
 def train(cfg: TrainConfig) -> list[dict]:
@@ -55,9 +54,10 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
     """The whole run on this rank (inside a launched worker, or the only process)."""
     torch.manual_seed(cfg.seed)
     rss_at_start = rss_mb()  # PyTorch's own footprint, so growth is what training holds
-    mesh = Mesh(cfg.dp, cfg.pp, cfg.tp)
+    pc = cfg.parallel
+    mesh = Mesh(pc.dp, pc.pp, pc.tp)
     rank0 = mesh.rank == 0
-    dtype = DTYPES[cfg.dtype]
+    dtype = DTYPES[pc.dtype]
     data = ByteDataset.from_path(cfg.data, seed=cfg.seed)
     full = Transformer(cfg.model_config(), seed=cfg.seed).to(dtype)
     start_step, resume_from = 0, None
@@ -81,7 +81,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
     sync = GradSync(params.values(), mesh.group("dp"))
     out = open_metrics(cfg.metrics_out, start_step) if rank0 and cfg.metrics_out else None
     history: list[dict] = []
-    local_batch = cfg.batch_size // cfg.dp
+    local_batch = cfg.batch_size // pc.dp
     tokens = cfg.batch_size * cfg.seq_len
     timeline = None
     try:
@@ -95,7 +95,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                     g["lr"] = lr_at(cfg, step)
                 comm.stats.reset()
                 t0 = time.perf_counter()
-                sync.prepare(accumulations=cfg.num_microbatches)
+                sync.prepare(accumulations=pc.num_microbatches)
                 loss = local.step(x[rows], y[rows])
                 t1 = time.perf_counter()
                 sync.finish()
@@ -146,5 +146,3 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
         sync.remove()
     write_timeline(cfg, timeline, mesh)
     return history if rank0 else None
-
-

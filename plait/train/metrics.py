@@ -93,7 +93,6 @@ def write_timeline(cfg, timeline: Timeline | None, mesh: Mesh) -> None:
     if cfg.timeline_png:
         merged.draw(
             cfg.timeline_png,
-            title=f"plait train {cfg.model}: dp={cfg.dp} pp={cfg.pp} "
-            f"tp={cfg.tp} {cfg.schedule} m={cfg.num_microbatches} — measured bubble "
+            title=f"plait train {cfg.model}: {cfg.parallel_for_plan().label()} — measured bubble "
             f"{merged.bubble_fraction():.1%}",
         )

@@ -29,19 +29,20 @@ __all__ = ["LocalModel", "build_local", "validate_parallel"]
 
 def validate_parallel(cfg, mcfg: ModelConfig) -> None:
     """Check the tensor and pipeline settings against the model before any process starts."""
+    seq_len, cfg = cfg.seq_len, cfg.parallel
     if cfg.pp == 1 and cfg.tp == 1:
         return
     model = Transformer(mcfg, seed=0)
     if cfg.tp > 1:
         from plait.tensor import validate
 
-        validate(model, cfg.tp, sequence_parallel=cfg.sequence_parallel, seq_len=cfg.seq_len)
+        validate(model, cfg.tp, sequence_parallel=cfg.sequence_parallel, seq_len=seq_len)
     if cfg.pp > 1:
         from plait.pipeline import build_schedule, partition
         from plait.pipeline import validate as validate_schedule
 
         schedule = build_schedule(
-            cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.num_virtual, cfg.schedule_costs
+            cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.virtual, cfg.schedule_costs
         )
         validate_schedule(schedule)
         partition(model, schedule.num_stages, cfg.balance)
@@ -124,20 +125,22 @@ def _checkpoint_blocks(model: nn.Module) -> None:
 
 def build_local(full: Transformer, mesh: Mesh, cfg) -> LocalModel:
     """This rank's :class:`LocalModel` for the mesh and config (shards ``full`` in place)."""
+    cfg = cfg.parallel
+    recompute = cfg.recompute == "full"
     tp = mesh.size("tp")
     if tp > 1:
         from plait.tensor import parallelize
     if mesh.size("pp") == 1:
         if tp > 1:
             parallelize(full, mesh, sequence_parallel=cfg.sequence_parallel)
-        if cfg.activation_checkpointing:
+        if recompute:
             _checkpoint_blocks(full)
         return WholeModel(full, cfg.num_microbatches, _loss_for(full, tp))
 
     from plait.pipeline import PipelineRuntime, build_schedule, partition
 
     schedule = build_schedule(
-        cfg.schedule, mesh.size("pp"), cfg.num_microbatches, cfg.num_virtual, cfg.schedule_costs
+        cfg.schedule, mesh.size("pp"), cfg.num_microbatches, cfg.virtual, cfg.schedule_costs
     )
     all_stages = partition(full, schedule.num_stages, cfg.balance)
     stages = {s: all_stages[s] for s in schedule.stages_of(mesh.pp_rank)}
@@ -147,7 +150,5 @@ def build_local(full: Transformer, mesh: Mesh, cfg) -> LocalModel:
     last = schedule.num_stages - 1
     # Only the last stage's rank computes the loss; the others are given the plain one.
     loss_fn = _loss_for(stages.get(last, full), tp if last in stages else 1)
-    runtime = PipelineRuntime(
-        stages, schedule, mesh, loss_fn, checkpoint=cfg.activation_checkpointing
-    )
+    runtime = PipelineRuntime(stages, schedule, mesh, loss_fn, checkpoint=recompute)
     return PipelinePart(runtime, stages)
