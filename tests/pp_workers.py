@@ -164,3 +164,73 @@ def saved_activation_peak(name: str, m: int) -> dict:
 
 def _release(live: dict, n: int) -> None:
     live["bytes"] -= n
+
+
+def hf_reference(directory: str, steps: list[tuple[int, int, int]]):
+    """Single-process float64 losses and gradients of the model in ``directory`` (SGD between)."""
+    from plait.models import resolve_model
+
+    source = resolve_model(f"hf:{directory}")
+    model = source.build(0).double()
+    losses, grads = [], []
+    for B, T, seed in steps:
+        x, y = batch(B, T, seed)
+        model.zero_grad(set_to_none=True)
+        loss = source.loss(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters(remove_duplicate=False)})
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= LR * p.grad
+    return losses, grads
+
+
+def hf_pipeline(mesh_shape, directory: str, schedule: str, m: int, steps):
+    """The same steps through plait's pipeline (and tensor parallelism when tp > 1): this rank's
+    losses and full-shaped gradients of its stages' parameters."""
+    from plait.models import resolve_model
+    from plait.models.layout import tied_parameter_names
+    from plait.tensor import gather_grads, parallelize
+
+    mesh = Mesh(*mesh_shape)
+    source = resolve_model(f"hf:{directory}")
+    model = source.build(0).double()
+    tied = tied_parameter_names(model)
+    sched = build_schedule(schedule, mesh.size("pp"), m)
+    stages = partition(model, sched.num_stages)
+    mine = {s: stages[s] for s in sched.stages_of(mesh.pp_rank)}
+    tp = mesh.size("tp")
+    if tp > 1:
+        for stage in mine.values():
+            parallelize(stage, mesh)
+    last = sched.num_stages - 1
+    if tp > 1 and last in mine:
+        from plait.tensor import loss_fn
+
+        loss = loss_fn(mine[last])
+    else:
+        loss = source.loss
+    rt = PipelineRuntime(mine, sched, mesh, loss)
+    params = {}
+    for st in mine.values():
+        params.update(dict(st.named_parameters(remove_duplicate=False)))
+    from plait.train.grads import TiedGrads
+
+    tied_grads = TiedGrads(params, tied, mesh, sched)
+    unique = list({id(p): p for p in params.values()}.values())
+    losses, grads = [], []
+    for B, T, seed in steps:
+        x, y = batch(B, T, seed)
+        for p in unique:
+            p.grad = None
+        losses.append(rt.train_step(x, y))
+        tied_grads.reduce()
+        full = {}
+        for st in mine.values():
+            full.update(gather_grads(st) if tp > 1 else {})
+        grads.append({n: (full[n] if n in full else p.grad).clone() for n, p in params.items()})
+        with torch.no_grad():
+            for p in unique:
+                p -= LR * p.grad
+    return {"losses": losses, "grads": grads}

@@ -47,26 +47,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from plait import comm
+from plait.pipeline.payload import decode_header, encode_header, flatten, unflatten
 from plait.pipeline.schedule import Action, Kind, Schedule
 from plait.pipeline.validate import validate
 from plait.pipeline.walk import Walk, matching_send
 from plait.trace import Event, Timeline
 
 __all__ = ["PipelineRuntime", "split_batch"]
-
-_DTYPES = [
-    torch.float32,
-    torch.float64,
-    torch.float16,
-    torch.bfloat16,
-    torch.int64,
-    torch.int32,
-    torch.uint8,
-    torch.bool,
-    torch.int16,
-    torch.int8,
-]
-_HEADER = 10  # int64 words: dtype code, ndim, up to 8 sizes
 
 
 def split_batch(batch_size: int, num_microbatches: int, uneven: bool = True) -> list[int]:
@@ -424,27 +411,34 @@ class PipelineRuntime:
     def _forward(self, a: Action, step: _Step) -> None:
         s, i = a.stage, a.microbatch
         S = self.schedule.num_stages
-        x = step.inputs[i] if s == 0 else step.acts_in.pop((s, i))
+        if s == 0:
+            xs, spec, wants = [step.inputs[i]], "T", [False]
+        else:
+            xs, spec, wants = step.acts_in.pop((s, i))
         module = self.stages[s]
         if not step.training:
-            y = module(x)
+            y = module(unflatten(xs, spec))
+            grad_inputs: list[torch.Tensor] = []
         else:
-            if x.is_floating_point():
-                x = x.detach().requires_grad_(True)
+            # inputs whose gradient goes back to the previous stage
+            xs = [x.detach().requires_grad_(True) if w else x for x, w in zip(xs, wants)]
+            grad_inputs = [x for x, w in zip(xs, wants) if w]
             record = bool(self._deferred[s])
             if record:
                 self._recording = []
             if s in self.checkpointed:
-                y = _checkpoint(module, x, use_reentrant=False)
+                y = _checkpoint(
+                    lambda *t: module(unflatten(list(t), spec)), *xs, use_reentrant=False
+                )
             else:
-                y = module(x)
+                y = module(unflatten(xs, spec))
             if record:
                 step.records[(s, i)] = self._recording
                 self._recording = None
         if s == S - 1:
             if step.training:
                 loss = self.loss_fn(y, step.targets[i]) * step.scales[i]
-                step.saved[(s, i)] = (x, loss)
+                step.saved[(s, i)] = (grad_inputs, [loss])
                 step.loss = loss.detach() if step.loss is None else step.loss + loss.detach()
                 step.losses_left -= 1
                 if step.losses_left == 0:
@@ -455,52 +449,54 @@ class PipelineRuntime:
             else:
                 step.outputs[i] = y
             return
+        ys, yspec = flatten(y)
+        grads_back = [step.training and t.requires_grad for t in ys]
         if step.training:
-            step.saved[(s, i)] = (x, y)
-        self._out_meta[(s, step.keys[i])] = (tuple(y.shape), y.dtype)
+            step.saved[(s, i)] = (grad_inputs, [t for t, g in zip(ys, grads_back) if g])
+        self._out_meta[(s, step.keys[i])] = [
+            (tuple(t.shape), t.dtype) for t, g in zip(ys, grads_back) if g
+        ]
         if self.schedule.stage_to_rank[s + 1] == self.pp_rank:
-            step.acts_in[(s + 1, i)] = y  # handed over; the next F detaches it
+            step.acts_in[(s + 1, i)] = (ys, yspec, grads_back)  # the next F detaches them
         else:
-            step.sendable[(Kind.SEND_ACT, s, i)] = y.detach()
+            step.sendable[(Kind.SEND_ACT, s, i)] = ([t.detach() for t in ys], yspec, grads_back)
 
-    def _grad_of_output(self, s: int, i: int, step: _Step) -> torch.Tensor | None:
+    def _grad_of_output(self, s: int, i: int, step: _Step) -> list[torch.Tensor] | None:
         return None if s == self.schedule.num_stages - 1 else step.grads_in.pop((s, i))
 
-    def _pass_input_grad(self, s: int, i: int, x: torch.Tensor, gx, step: _Step) -> None:
+    def _pass_input_grad(self, s: int, i: int, xs: list, gxs: list, step: _Step) -> None:
         if s == 0:
             return
-        if gx is None:  # the output did not depend on the input
-            gx = torch.zeros_like(x)
+        # an input the output did not depend on gets a zero gradient
+        gxs = [torch.zeros_like(x) if g is None else g for x, g in zip(xs, gxs)]
         if self.schedule.stage_to_rank[s - 1] == self.pp_rank:
-            step.grads_in[(s - 1, i)] = gx
+            step.grads_in[(s - 1, i)] = gxs
         else:
-            step.sendable[(Kind.SEND_GRAD, s, i)] = gx
+            step.sendable[(Kind.SEND_GRAD, s, i)] = (gxs, None, None)
 
     def _backward(self, a: Action, step: _Step) -> None:
         s, i = a.stage, a.microbatch
-        x, root = step.saved.pop((s, i))
+        xs, roots = step.saved.pop((s, i))
         g = self._grad_of_output(s, i, step)
-        torch.autograd.backward(root, g)
+        if roots:
+            torch.autograd.backward(roots, g)
         step.records.pop((s, i), None)
-        self._pass_input_grad(s, i, x, x.grad if s > 0 else None, step)
+        self._pass_input_grad(s, i, xs, [x.grad for x in xs], step)
 
     def _backward_input(self, a: Action, step: _Step) -> None:
         s, i = a.stage, a.microbatch
-        x, root = step.saved.pop((s, i))
+        xs, roots = step.saved.pop((s, i))
         g = self._grad_of_output(s, i, step)
         records = step.records.pop((s, i), None)
-        if not records:  # nothing to defer (checkpointed, or no plain Linear): whole backward
-            torch.autograd.backward(root, g)
-            self._pass_input_grad(s, i, x, x.grad if s > 0 else None, step)
+        if not records or not roots:  # nothing to defer (checkpointed, no plain Linear)
+            if roots:
+                torch.autograd.backward(roots, g)
+            self._pass_input_grad(s, i, xs, [x.grad for x in xs], step)
             return
-        want_x = s > 0 and x.requires_grad
         others = self._others[s]
-        wrt = ([x] if want_x else []) + others + [out for _, _, out in records]
-        grads = torch.autograd.grad(root, wrt, grad_outputs=g, allow_unused=True)
-        k = 0
-        gx = None
-        if want_x:
-            gx, k = grads[0], 1
+        wrt = xs + others + [out for _, _, out in records]
+        grads = torch.autograd.grad(roots, wrt, grad_outputs=g, allow_unused=True)
+        k = len(xs)
         for q, gq in zip(others, grads[k : k + len(others)]):
             if gq is not None:
                 if q.grad is None:
@@ -509,7 +505,7 @@ class PipelineRuntime:
                     q.grad.add_(gq)
         dys = grads[k + len(others) :]
         step.wgrads[(s, i)] = [(m, inp, dy) for (m, inp, _), dy in zip(records, dys)]
-        self._pass_input_grad(s, i, x, gx, step)
+        self._pass_input_grad(s, i, xs, list(grads[:k]), step)
 
     @torch.no_grad()
     def _backward_weight(self, a: Action, step: _Step) -> None:
@@ -530,13 +526,16 @@ class PipelineRuntime:
 
     def _send(self, a: Action, step: _Step) -> None:
         s, i = a.stage, a.microbatch
-        t = step.sendable.pop((a.kind, s, i)).contiguous()
+        tensors, spec, grads_back = step.sendable.pop((a.kind, s, i))
+        tensors = [t.contiguous() for t in tensors]
         if a.kind is Kind.SEND_ACT:
             dst = self._peer(s + 1)
-            key = (s, step.keys[i])
-            meta = (tuple(t.shape), t.dtype)
+            key = (s, step.keys[i], step.training)  # inference sends no gradient flags
+            meta = (spec, [(tuple(t.shape), t.dtype, g) for t, g in zip(tensors, grads_back)])
             if key not in self._sent_meta:
-                header = _encode(meta)
+                header = encode_header(*meta)
+                size = torch.tensor([header.numel()], dtype=torch.int64)
+                self._pending_sends.append((size, dist.isend(size, dst)))
                 self._pending_sends.append((header, dist.isend(header, dst)))
                 self._sent_meta[key] = meta
             elif self._sent_meta[key] != meta:
@@ -549,25 +548,30 @@ class PipelineRuntime:
         else:
             dst = self._peer(s - 1)
         phase = "forward" if a.kind is Kind.SEND_ACT else "backward"
-        comm.record("send", t.numel() * t.element_size(), axis="pp", phase=phase)
-        self._pending_sends.append((t, dist.isend(t, dst)))
+        for t in tensors:
+            comm.record("send", t.numel() * t.element_size(), axis="pp", phase=phase)
+            self._pending_sends.append((t, dist.isend(t, dst)))
 
-    def _recv_meta(self, a: Action, step: _Step) -> tuple | None:
-        """(shape, dtype) of what ``a`` receives, if already known without a header."""
+    def _recv_meta(self, a: Action, step: _Step) -> list | None:
+        """``[(shape, dtype), ...]`` of what ``a`` receives, if known without a header."""
         i = a.microbatch
         if a.kind is Kind.RECV_ACT:
-            return self._in_meta.get((a.stage - 1, step.keys[i]))
+            known = self._in_meta.get((a.stage - 1, step.keys[i], step.training))
+            return None if known is None else [(sh, dt) for sh, dt, _ in known[1]]
         return self._out_meta.get((a.stage, step.keys[i]))
+
+    def _post(self, metas: list, src: int) -> list:
+        bufs = [torch.empty(shape, dtype=dtype) for shape, dtype in metas]
+        return [(b, dist.irecv(b, src)) for b in bufs]
 
     def _post_receives(self, plan, i: int, queues, posted, step: _Step) -> None:
         for src, q in queues.items():
             while q and plan.post_at[q[0]] <= i:
                 j = q[0]
-                meta = self._recv_meta(plan.actions[j], step)
-                if meta is None:
+                metas = self._recv_meta(plan.actions[j], step)
+                if metas is None:
                     break  # a header comes first: post at the receive itself, in order
-                buf = torch.empty(meta[0], dtype=meta[1])
-                posted[j] = (buf, dist.irecv(buf, src))
+                posted[j] = self._post(metas, src)
                 q.popleft()
 
     def _receive(self, plan, i: int, a: Action, queues, posted, step: _Step) -> None:
@@ -575,21 +579,26 @@ class PipelineRuntime:
             src = plan.source[i]
             q = queues[src]
             assert q and q[0] == i, "receives are posted in list order"
-            meta = self._recv_meta(a, step)
-            if meta is None:  # first time this input shape crosses: learn it
-                header = torch.empty(_HEADER, dtype=torch.int64)
+            metas = self._recv_meta(a, step)
+            if metas is None:  # first time this input shape crosses: learn it
+                size = torch.empty(1, dtype=torch.int64)
+                dist.irecv(size, src).wait()
+                header = torch.empty(int(size.item()), dtype=torch.uint8)
                 dist.irecv(header, src).wait()
-                meta = _decode(header)
-                self._in_meta[(a.stage - 1, step.keys[a.microbatch])] = meta
-            buf = torch.empty(meta[0], dtype=meta[1])
-            posted[i] = (buf, dist.irecv(buf, src))
+                learnt = decode_header(header)
+                self._in_meta[(a.stage - 1, step.keys[a.microbatch], step.training)] = learnt
+                metas = [(sh, dt) for sh, dt, _ in learnt[1]]
+            posted[i] = self._post(metas, src)
             q.popleft()
-        buf, work = posted.pop(i)
-        work.wait()
+        bufs = []
+        for buf, work in posted.pop(i):
+            work.wait()
+            bufs.append(buf)
         if a.kind is Kind.RECV_ACT:
-            step.acts_in[(a.stage, a.microbatch)] = buf
+            spec, metas = self._in_meta[(a.stage - 1, step.keys[a.microbatch], step.training)]
+            step.acts_in[(a.stage, a.microbatch)] = (bufs, spec, [g for _, _, g in metas])
         else:
-            step.grads_in[(a.stage, a.microbatch)] = buf
+            step.grads_in[(a.stage, a.microbatch)] = bufs
 
 
 class _Plan:
@@ -669,19 +678,3 @@ def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
         param.grad = grad
     else:
         param.grad.add_(grad)
-
-
-def _encode(meta: tuple) -> torch.Tensor:
-    shape, dtype = meta
-    if len(shape) > _HEADER - 2:
-        raise ValueError(f"activations of more than {_HEADER - 2} dimensions: {shape}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"activation dtype {dtype} is not one of {_DTYPES}")
-    words = [_DTYPES.index(dtype), len(shape), *shape]
-    return torch.tensor(words + [0] * (_HEADER - len(words)), dtype=torch.int64)
-
-
-def _decode(header: torch.Tensor) -> tuple:
-    words = header.tolist()
-    ndim = words[1]
-    return tuple(words[2 : 2 + ndim]), _DTYPES[words[0]]

@@ -211,6 +211,7 @@ def _cmd_plan(args) -> int:
     if args.json:
         out = chosen.to_dict()
         out["model"] = model.name
+        out["parameters"] = model.num_parameters()
         out["hardware"] = hw.name
         out["gpus"] = args.gpus
         out["global_batch"] = args.global_batch

@@ -23,7 +23,15 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-__all__ = ["ModelSpec", "MODEL_PRESETS", "get_model", "custom_model", "RECOMPUTE"]
+__all__ = [
+    "ModelSpec",
+    "MODEL_PRESETS",
+    "get_model",
+    "custom_model",
+    "from_hf_config",
+    "from_model_config",
+    "RECOMPUTE",
+]
 
 RECOMPUTE = ("none", "selective", "full")
 
@@ -43,6 +51,9 @@ class ModelSpec:
         bias: linear layers and norms carry biases (GPT) or not (Llama).
         tied_embeddings: the output head shares the input embedding matrix.
         pos_embedding: rows of a learned position table (0 for rotary embeddings).
+        qkv_bias, out_bias, mlp_bias: biases on the q/k/v projections, the attention output
+            projection and the MLP matrices; ``None`` follows ``bias`` (Qwen2: q/k/v only).
+        attn_head_dim: width of one attention head when it is not ``hidden // heads``.
 
     Example::
 
@@ -61,6 +72,10 @@ class ModelSpec:
     bias: bool = True
     tied_embeddings: bool = True
     pos_embedding: int = 0
+    qkv_bias: bool | None = None
+    out_bias: bool | None = None
+    mlp_bias: bool | None = None
+    attn_head_dim: int | None = None
 
     def __post_init__(self) -> None:
         for f in ("layers", "hidden", "heads", "ffn", "vocab", "seq_len"):
@@ -69,7 +84,9 @@ class ModelSpec:
                 raise ValueError(f"model {f} must be a positive integer, got {v!r}")
         if self.kv_heads is None:
             object.__setattr__(self, "kv_heads", self.heads)
-        if self.hidden % self.heads:
+        if self.attn_head_dim is not None and self.attn_head_dim < 1:
+            raise ValueError(f"attn_head_dim must be positive, got {self.attn_head_dim}")
+        if self.attn_head_dim is None and self.hidden % self.heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by heads={self.heads}")
         if self.kv_heads < 1 or self.heads % self.kv_heads:
             raise ValueError(
@@ -79,7 +96,12 @@ class ModelSpec:
     # ---------------------------------------------------------------- shapes
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.attn_head_dim or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        """Width of the query (and of the attention output) projection."""
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -90,7 +112,7 @@ class ModelSpec:
     def matmul_params_per_layer(self) -> int:
         """Weights of the matrices in one block (what the FLOPs scale with)."""
         h, f = self.hidden, self.ffn
-        attn = 2 * h * h + 2 * h * self.kv_dim  # q, o; k, v
+        attn = 2 * h * self.q_dim + 2 * h * self.kv_dim  # q, o; k, v
         mlp = (3 if self.gated_mlp else 2) * h * f
         return attn + mlp
 
@@ -100,9 +122,17 @@ class ModelSpec:
         extra = 2 * h  # two norm scales
         if self.bias:
             extra += 2 * h  # norm shifts
-            extra += h + 2 * self.kv_dim + h  # q, k, v, o biases
-            extra += (2 if self.gated_mlp else 1) * f + h  # MLP biases
+        if self._has("qkv_bias"):
+            extra += self.q_dim + 2 * self.kv_dim
+        if self._has("out_bias"):
+            extra += h
+        if self._has("mlp_bias"):
+            extra += (2 if self.gated_mlp else 1) * f + h
         return self.matmul_params_per_layer() + extra
+
+    def _has(self, which: str) -> bool:
+        value = getattr(self, which)
+        return self.bias if value is None else value
 
     def embedding_params(self) -> int:
         """Input embedding (and position table); the head is counted by :meth:`head_params`."""
@@ -248,11 +278,17 @@ def _llama(name, layers, hidden, heads, kv, ffn, vocab, seq):
 
 
 def _plait(name: str) -> ModelSpec:
-    # plait's own reference transformer (plait.models): GELU MLP with biases, learned positions,
-    # untied head; its parameter count matches ModelConfig.num_parameters() exactly.
     from plait.models.config import PRESETS
 
-    c = PRESETS[name]
+    return from_model_config(PRESETS[name], name)
+
+
+def from_model_config(c, name: str = "custom") -> ModelSpec:
+    """The spec of plait's reference transformer (a :class:`plait.models.ModelConfig`).
+
+    GELU MLP with biases, learned positions, untied head; the parameter count matches
+    ``ModelConfig.num_parameters()`` exactly.
+    """
     return ModelSpec(
         name,
         c.n_layers,
@@ -264,6 +300,120 @@ def _plait(name: str) -> ModelSpec:
         tied_embeddings=False,
         pos_embedding=c.max_seq_len,
     )
+
+
+# Families whose blocks are GPT-2-like: LayerNorm with a shift, biases on every linear layer, a
+# two-matrix MLP. Those with a learned position table read its size from the config. Any other
+# model type is read as Llama-like (RMSNorm, gated MLP, biases only where the config says).
+_GPT_LIKE = {"gpt2", "gpt_bigcode", "gpt_neo", "opt", "gptj", "gpt_neox", "phi"}
+_LEARNED_POSITIONS = {"gpt2", "gpt_bigcode", "gpt_neo", "opt"}
+_QKV_BIAS_ONLY = {"qwen2", "qwen2_moe"}
+_PLAN_SEQ_CAP = 8192
+
+
+def from_hf_config(config_or_dir, name: str | None = None) -> ModelSpec:
+    """The spec of a Hugging Face causal language model, from its config (no weights).
+
+    ``config_or_dir`` is a ``transformers`` config object, a dict as in ``config.json`` (with
+    ``model_type``), or a directory holding ``config.json``. Reads layers, hidden width, heads,
+    key/value heads, MLP width (``intermediate_size`` / ``n_inner`` or 4 x hidden), vocabulary,
+    tied embeddings and the family's biases, gating and position table, so that
+    ``num_parameters()`` matches the built model's. ``seq_len`` is the model's
+    ``max_position_embeddings``, capped at 8192 (plan longer sequences with ``--seq-len``).
+
+    Example::
+
+        from_hf_config("/models/llama").num_parameters()
+    """
+    config = _hf_config_object(config_or_dir)
+
+    def get(*keys, default=None):
+        for k in keys:
+            v = getattr(config, k, None)
+            if v is not None:
+                return v
+        return default
+
+    mtype = str(get("model_type", default="")).lower()
+    layers = get("num_hidden_layers", "n_layer", "num_layers")
+    hidden = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head")
+    vocab = get("vocab_size")
+    missing = [
+        k
+        for k, v in {
+            "num_hidden_layers": layers,
+            "hidden_size": hidden,
+            "num_attention_heads": heads,
+            "vocab_size": vocab,
+        }.items()
+        if not isinstance(v, int)
+    ]
+    if missing:
+        raise ValueError(
+            f"config of model type {mtype or '?'!r} lacks {', '.join(missing)}: "
+            "the planner needs a decoder-only transformer's shape"
+        )
+    kv = get("num_key_value_heads", "n_head_kv", "num_kv_heads")
+    if mtype == "gpt_bigcode" and getattr(config, "multi_query", False):
+        kv = 1
+    ffn = get("intermediate_size", "n_inner", "ffn_dim") or 4 * hidden
+    head_dim = get("head_dim")
+    max_pos = get("max_position_embeddings", "n_positions")
+    gpt = mtype in _GPT_LIKE
+    tied = bool(get("tie_word_embeddings", default=True))
+    if gpt:
+        return ModelSpec(
+            name or mtype or "hf",
+            layers,
+            hidden,
+            heads,
+            ffn,
+            vocab,
+            kv_heads=kv,
+            seq_len=min(max_pos or 2048, _PLAN_SEQ_CAP),
+            tied_embeddings=tied,
+            pos_embedding=(max_pos or 0) if mtype in _LEARNED_POSITIONS else 0,
+        )
+    attention_bias = bool(get("attention_bias", default=False))
+    return ModelSpec(
+        name or mtype or "hf",
+        layers,
+        hidden,
+        heads,
+        ffn,
+        vocab,
+        kv_heads=kv,
+        seq_len=min(max_pos or 2048, _PLAN_SEQ_CAP),
+        gated_mlp=True,
+        bias=False,
+        tied_embeddings=tied,
+        qkv_bias=attention_bias or mtype in _QKV_BIAS_ONLY,
+        out_bias=attention_bias,
+        mlp_bias=bool(get("mlp_bias", default=False)),
+        attn_head_dim=head_dim
+        if isinstance(head_dim, int) and head_dim * heads != hidden
+        else None,
+    )
+
+
+def _hf_config_object(config_or_dir):
+    if hasattr(config_or_dir, "to_dict") and hasattr(config_or_dir, "model_type"):
+        return config_or_dir
+    from transformers import AutoConfig
+
+    if isinstance(config_or_dir, dict):
+        d = dict(config_or_dir)
+        mtype = d.pop("model_type", None)
+        if not mtype:
+            raise ValueError("a config dict needs its model_type (as in config.json)")
+        return AutoConfig.for_model(mtype, **d)
+    from pathlib import Path
+
+    p = Path(config_or_dir)
+    if not (p / "config.json").is_file():
+        raise ValueError(f"{str(config_or_dir)!r} is not a directory with a config.json")
+    return AutoConfig.from_pretrained(str(p), local_files_only=True)
 
 
 MODEL_PRESETS: dict[str, ModelSpec] = {

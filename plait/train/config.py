@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from plait.config import ParallelConfig
-from plait.models import get_config
+from plait.models.source import resolve_model
 
 __all__ = ["TrainConfig", "lr_at", "TRAIN_DTYPES"]
 
@@ -68,13 +68,14 @@ class TrainConfig:
         pc = self.parallel
         return replace(pc, microbatch_size=max(1, self.batch_size // pc.dp // pc.num_microbatches))
 
-    def model_config(self):
-        """The model preset, with ``n_layers`` replaced when given."""
-        return get_config(self.model, **({"n_layers": self.n_layers} if self.n_layers else {}))
+    def source(self):
+        """The model as named by ``model`` (:func:`plait.models.resolve_model`): a preset,
+        ``hf:PATH`` or ``package.module:function``."""
+        return resolve_model(self.model)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad setting (before any process starts)."""
-        mcfg = self.model_config()
+        source = self.source()
         pc = self.parallel
         if not isinstance(pc, ParallelConfig):
             raise ValueError(f"parallel must be a plait.ParallelConfig, got {type(pc).__name__}")
@@ -98,10 +99,16 @@ class TrainConfig:
             )
         if self.lr_schedule not in ("constant", "cosine"):
             raise ValueError(f"--lr-schedule {self.lr_schedule!r} is not 'constant' or 'cosine'")
-        if self.seq_len > mcfg.max_seq_len:
+        if self.n_layers is not None and (not isinstance(self.n_layers, int) or self.n_layers < 1):
+            raise ValueError(f"--layers must be an integer >= 1, got {self.n_layers!r}")
+        limit = source.max_seq_len
+        if source.is_language_model and limit is not None and self.seq_len > limit:
             raise ValueError(
-                f"--seq-len {self.seq_len} exceeds model {self.model!r}'s "
-                f"max_seq_len={mcfg.max_seq_len}"
+                f"--seq-len {self.seq_len} exceeds model {self.model!r}'s max_seq_len={limit}"
+            )
+        if not source.is_language_model and self.data is not None:
+            raise ValueError(
+                f"--data: {self.model!r} is not a language model; it makes its own batches"
             )
         if self.batch_size % pc.dp:
             raise ValueError(
@@ -116,10 +123,15 @@ class TrainConfig:
             )
         if self.resume and not self.checkpoint_dir:
             raise ValueError("--resume needs --checkpoint-dir")
+        if self.n_layers is not None and source.kind == "function":
+            raise ValueError(
+                f"--layers applies to presets and hf: models, not to {self.model!r} (a function "
+                f"builds the depth it wants)"
+            )
         if pc.pp > 1 or pc.tp > 1:  # the split is checked on the model itself (loads torch)
             from plait.train.parts import validate_parallel
 
-            validate_parallel(self, mcfg)
+            validate_parallel(self, source)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:

@@ -48,7 +48,11 @@ class GradSync:
         params: Iterable[nn.Parameter],
         group: dist.ProcessGroup | None,
         bucket_bytes: int = 25 * 1024 * 1024,
+        uses: dict[int, int] | None = None,
     ):
+        # uses: id(param) -> how many of this rank's stages use it (a tied embedding on the
+        # first and last stage of one rank takes two gradient accumulations per micro-batch)
+        self.uses = uses or {}
         self.group = group
         self.size = dist.get_world_size(group) if group is not None else 1
         self.params = [p for p in params if p.requires_grad]
@@ -86,13 +90,14 @@ class GradSync:
         n = self._count.get(id(p), 0) + 1
         self._count[id(p)] = n
         b = self._bucket_of[id(p)]
-        if n > self._expected:
+        expected = self._expected * self.uses.get(id(p), 1)
+        if n > expected:
             raise RuntimeError(
                 f"a parameter's gradient was accumulated {n} times in one step but "
                 f"GradSync.prepare(accumulations={self._expected}) was told to expect "
-                f"{self._expected}; its bucket was already reduced"
+                f"{expected}; its bucket was already reduced"
             )
-        if n == self._expected:
+        if n == expected:
             self._pending[b] -= 1
             if self._pending[b] == 0:
                 self._launch(b)
@@ -149,17 +154,23 @@ def clip_grad_norm(
     tp_group: dist.ProcessGroup | None = None,
     tp_rank: int = 0,
     pp_group: dist.ProcessGroup | None = None,
+    not_here: Iterable[nn.Parameter] = (),
 ) -> float:
     """Clip gradients in place by the global norm over all shards and stages; returns the norm.
 
     Sharded parameters (:func:`is_tp_sharded`) contribute their squares on every tensor rank;
-    replicated ones only on tensor rank 0, so nothing is counted twice.
+    replicated ones only on tensor rank 0, so nothing is counted twice. ``not_here``: parameters
+    another pipeline rank counts (the copy of a tied embedding on the last stage); they are
+    clipped but not counted here. A parameter given twice is counted once.
     """
-    params = [p for p in params if p.grad is not None]
+    skip = {id(p) for p in not_here}
+    params = list({id(p): p for p in params if p.grad is not None}.values())
     dtype = params[0].grad.dtype if params else torch.float32
     sharded = torch.zeros((), dtype=torch.float64)
     replicated = torch.zeros((), dtype=torch.float64)
     for p in params:
+        if id(p) in skip:
+            continue
         sq = p.grad.detach().double().pow(2).sum()
         if is_tp_sharded(p):
             sharded += sq
@@ -175,3 +186,42 @@ def clip_grad_norm(
         for p in params:
             p.grad.mul_(scale)
     return norm
+
+
+class TiedGrads:
+    """Sums the gradients of tied parameters held by two pipeline ranks (an input embedding on the
+    first stage, the same matrix as the output head on the last), as one process would.
+
+    ``tied``: groups of names that are one tensor in the full model. Every rank must construct
+    it (it creates process groups). After :meth:`reduce`, both copies hold the summed gradient,
+    so identical optimizer steps keep them identical.
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], tied: list[list[str]], mesh, schedule):
+        self.pairs: list[nn.Parameter] = []  # local params to all-reduce over self.group
+        self.not_here: list[nn.Parameter] = []  # counted by the first stage's rank in clipping
+        self.group = None
+        if schedule is None or not tied:
+            return
+        first, last = schedule.stage_to_rank[0], schedule.stage_to_rank[-1]
+        if first == last:
+            return  # one rank holds both: one Parameter, autograd sums it
+        shape = mesh.shape
+        for d in range(shape.dp):  # collective: every rank creates every pair's group
+            for t in range(shape.tp):
+                ranks = [shape.rank(d, first, t), shape.rank(d, last, t)]
+                g = dist.new_group(ranks)
+                if mesh.rank in ranks:
+                    self.group = g
+        for names in tied:
+            here = [params[n] for n in names if n in params]
+            if here:
+                self.pairs.append(here[0])
+                if mesh.pp_rank == last:
+                    self.not_here.append(here[0])
+
+    def reduce(self) -> None:
+        for p in self.pairs:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            comm.all_reduce(p.grad, self.group, axis="pp", phase="backward")

@@ -24,14 +24,14 @@ import torch.distributed as dist
 
 from plait import comm
 from plait.alloc import peak_rss_mb, rss_mb
-from plait.data import ByteDataset
+from plait.data import dataset_for
 from plait.launch import launch
 from plait.mesh import Mesh
-from plait.models import Transformer
+from plait.models.layout import tied_parameter_names
 from plait.progress import progress_bar
 from plait.train.checkpoint import latest_checkpoint, load_state, save_state
 from plait.train.config import TrainConfig, lr_at
-from plait.train.grads import GradSync, clip_grad_norm
+from plait.train.grads import GradSync, TiedGrads, clip_grad_norm
 from plait.train.metrics import busy, gather_record, mean_over, open_metrics, write_timeline
 from plait.train.parts import build_local
 from plait.train.zero import ZeroAdamW
@@ -58,27 +58,41 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
     mesh = Mesh(pc.dp, pc.pp, pc.tp)
     rank0 = mesh.rank == 0
     dtype = DTYPES[pc.dtype]
-    data = ByteDataset.from_path(cfg.data, seed=cfg.seed)
-    full = Transformer(cfg.model_config(), seed=cfg.seed).to(dtype)
+    source = cfg.source()
+    data = dataset_for(source, cfg.data, seed=cfg.seed, seq_len=cfg.seq_len)
+    full = source.build(cfg.seed, cfg.n_layers).to(dtype)
     start_step, resume_from = 0, None
     if cfg.resume:
         resume_from = latest_checkpoint(cfg.checkpoint_dir)
-    full_shapes = {n: tuple(p.shape) for n, p in full.named_parameters()}
-    local = build_local(full, mesh, cfg)  # shards `full` in place
+    full_shapes = {n: tuple(p.shape) for n, p in full.named_parameters(remove_duplicate=False)}
+    tied = tied_parameter_names(full)
+    local = build_local(full, mesh, cfg, source)  # shards `full` in place
     params = local.params  # original full-model name -> this rank's (possibly sharded) parameter
     del full
+    # A tied matrix may be here under two names (first and last stage on one rank): one tensor
+    # for the optimizer, the gradient sync and clipping; both names in checkpoints.
+    unique: dict[str, torch.nn.Parameter] = {}
+    primary: dict[int, str] = {}
+    for name, p in params.items():
+        primary.setdefault(id(p), name)
+        unique.setdefault(primary[id(p)], p)
+    uses = {i: sum(1 for p in params.values() if id(p) == i) for i in primary}
     if cfg.zero1:
-        opt = ZeroAdamW(params, mesh.group("dp"), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        owns = opt.owns
+        opt = ZeroAdamW(unique, mesh.group("dp"), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+        def owns(name: str) -> bool:
+            return opt.owns(primary[id(params[name])])
     else:
-        opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(list(unique.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
         def owns(name: str) -> bool:
             return True
 
+    tied_grads = TiedGrads(params, tied, mesh, local.schedule)
+
     if resume_from is not None:
         start_step = load_state(resume_from, params, full_shapes, opt, mesh, owns)
-    sync = GradSync(params.values(), mesh.group("dp"))
+    sync = GradSync(unique.values(), mesh.group("dp"), uses=uses)
     out = open_metrics(cfg.metrics_out, start_step) if rank0 and cfg.metrics_out else None
     history: list[dict] = []
     local_batch = cfg.batch_size // pc.dp
@@ -99,9 +113,15 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                 loss = local.step(x[rows], y[rows])
                 t1 = time.perf_counter()
                 sync.finish()
+                tied_grads.reduce()
                 t2 = time.perf_counter()
                 norm = clip_grad_norm(
-                    params.values(), cfg.grad_clip, mesh.group("tp"), mesh.tp_rank, mesh.group("pp")
+                    unique.values(),
+                    cfg.grad_clip,
+                    mesh.group("tp"),
+                    mesh.tp_rank,
+                    mesh.group("pp"),
+                    not_here=tied_grads.not_here,
                 )
                 opt.step()
                 opt.zero_grad(set_to_none=True)

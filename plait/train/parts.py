@@ -21,31 +21,40 @@ import torch
 from torch import nn
 
 from plait.mesh import Mesh
-from plait.models import ModelConfig, Transformer
+from plait.models.layout import find_layout
 from plait.trace import Event, Timeline
 
 __all__ = ["LocalModel", "build_local", "validate_parallel"]
 
 
-def validate_parallel(cfg, mcfg: ModelConfig) -> None:
-    """Check the tensor and pipeline settings against the model before any process starts."""
-    seq_len, cfg = cfg.seq_len, cfg.parallel
-    if cfg.pp == 1 and cfg.tp == 1:
+def validate_parallel(cfg, source) -> None:
+    """Check the tensor and pipeline settings against the model before any process starts.
+
+    A Hugging Face model is built on the meta device for this (shapes only, no memory)."""
+    seq_len, pc = cfg.seq_len, cfg.parallel
+    if pc.pp == 1 and pc.tp == 1:
         return
-    model = Transformer(mcfg, seed=0)
-    if cfg.tp > 1:
+    if source.kind == "hf":
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(source.hf_config(cfg.n_layers))
+    else:
+        model = source.build(0, cfg.n_layers)
+    if pc.tp > 1:
         from plait.tensor import validate
 
-        validate(model, cfg.tp, sequence_parallel=cfg.sequence_parallel, seq_len=seq_len)
-    if cfg.pp > 1:
+        validate(model, pc.tp, sequence_parallel=pc.sequence_parallel, seq_len=seq_len)
+    if pc.pp > 1:
         from plait.pipeline import build_schedule, partition
         from plait.pipeline import validate as validate_schedule
 
         schedule = build_schedule(
-            cfg.schedule, cfg.pp, cfg.num_microbatches, cfg.virtual, cfg.schedule_costs
+            pc.schedule, pc.pp, pc.num_microbatches, pc.virtual, pc.schedule_costs
         )
         validate_schedule(schedule)
-        partition(model, schedule.num_stages, cfg.balance)
+        # "time" is measured in the workers; here the split only has to exist
+        partition(model, schedule.num_stages, "params" if pc.balance == "time" else pc.balance)
 
 
 class LocalModel:
@@ -53,6 +62,7 @@ class LocalModel:
 
     params: dict[str, nn.Parameter]
     timeline: Timeline | None = None
+    schedule = None  # the pipeline schedule, when there is one
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """Forward and backward over this replica's batch; returns its mean loss."""
@@ -69,7 +79,7 @@ class WholeModel(LocalModel):
         self.m = num_microbatches
         self.loss_fn = loss_fn
         self.split = split_batch
-        self.params = dict(model.named_parameters())
+        self.params = dict(model.named_parameters(remove_duplicate=False))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         tl = Timeline(1)
@@ -94,9 +104,10 @@ class PipelinePart(LocalModel):
 
     def __init__(self, runtime, stages: dict[int, nn.Module]):
         self.runtime = runtime
+        self.schedule = runtime.schedule
         self.params = {}
         for stage in stages.values():
-            self.params.update(dict(stage.named_parameters()))
+            self.params.update(dict(stage.named_parameters(remove_duplicate=False)))
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         loss = self.runtime.train_step(x, y)
@@ -104,12 +115,15 @@ class PipelinePart(LocalModel):
         return loss
 
 
-def _loss_for(module: nn.Module, tp: int):
+def _loss_for(module: nn.Module, tp: int, source):
+    """The loss on this rank: the model's own, or the vocabulary-parallel cross-entropy when the
+    output head is sharded over the tensor group."""
     if tp == 1:
-        return Transformer.loss
+        return source.loss
     from plait.tensor import loss_fn
 
-    return loss_fn(module)
+    sharded = loss_fn(module)
+    return lambda out, y: sharded(getattr(out, "logits", out), y)
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:
@@ -118,12 +132,12 @@ def _checkpoint_blocks(model: nn.Module) -> None:
     stay those of the model."""
     from torch.utils.checkpoint import checkpoint
 
-    for block in model.blocks:
+    for _, block in find_layout(model).blocks:
         inner = block.forward
-        block.forward = lambda x, inner=inner: checkpoint(inner, x, use_reentrant=False)
+        block.forward = lambda *a, inner=inner, **k: checkpoint(inner, *a, use_reentrant=False, **k)
 
 
-def build_local(full: Transformer, mesh: Mesh, cfg) -> LocalModel:
+def build_local(full: nn.Module, mesh: Mesh, cfg, source) -> LocalModel:
     """This rank's :class:`LocalModel` for the mesh and config (shards ``full`` in place)."""
     cfg = cfg.parallel
     recompute = cfg.recompute == "full"
@@ -135,7 +149,7 @@ def build_local(full: Transformer, mesh: Mesh, cfg) -> LocalModel:
             parallelize(full, mesh, sequence_parallel=cfg.sequence_parallel)
         if recompute:
             _checkpoint_blocks(full)
-        return WholeModel(full, cfg.num_microbatches, _loss_for(full, tp))
+        return WholeModel(full, cfg.num_microbatches, _loss_for(full, tp, source))
 
     from plait.pipeline import PipelineRuntime, build_schedule, partition
 
@@ -149,6 +163,6 @@ def build_local(full: Transformer, mesh: Mesh, cfg) -> LocalModel:
             parallelize(stage, mesh, sequence_parallel=cfg.sequence_parallel)
     last = schedule.num_stages - 1
     # Only the last stage's rank computes the loss; the others are given the plain one.
-    loss_fn = _loss_for(stages.get(last, full), tp if last in stages else 1)
+    loss_fn = _loss_for(stages.get(last, full), tp if last in stages else 1, source)
     runtime = PipelineRuntime(stages, schedule, mesh, loss_fn, checkpoint=recompute)
     return PipelinePart(runtime, stages)
