@@ -254,3 +254,220 @@ def llama_logits(tp: int) -> dict:
         "q_proj_rows": q.weight.shape[0],
         "type": type(q).__name__,
     }
+
+
+# --- Hugging Face models, sharded by the structural plan ---------------------------------------
+
+HF_B, HF_T = 2, 8
+
+
+def hf_model(family: str, layers: int = 2, attn: str = "sdpa"):
+    """A tiny Hugging Face causal LM of ``family`` from its config, float64, random weights."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    common = dict(
+        vocab_size=101,  # odd: the vocabulary shard is padded
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=32,
+        attn_implementation=attn,
+    )
+    if family == "gpt2":
+        cfg = transformers.GPT2Config(
+            vocab_size=101,
+            n_embd=32,
+            n_layer=layers,
+            n_head=4,
+            n_positions=32,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            attn_implementation=attn,
+        )  # tie_word_embeddings=True by default
+        cls = transformers.GPT2LMHeadModel
+    elif family == "phi3":
+        cfg = transformers.Phi3Config(
+            **common, num_key_value_heads=2, resid_pdrop=0.0, embd_pdrop=0.0, pad_token_id=0
+        )
+        cls = transformers.Phi3ForCausalLM
+    else:
+        cls_cfg, cls = {
+            "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+            "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        }[family]
+        extra = {"tie_word_embeddings": False}
+        if family == "llama":
+            extra["attention_bias"] = True  # o_proj bias: a replicated row-parallel bias
+        cfg = cls_cfg(**common, num_key_value_heads=2, **extra)
+    torch.manual_seed(0)
+    return cls(cfg).double()
+
+
+def _hf_ids(vocab: int, step: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randint(0, vocab, (HF_B, HF_T), generator=g)
+
+
+def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
+
+
+def _replicated_identical(module: nn.Module, group) -> bool:
+    """Every replicated parameter bit-identical on every rank of the tensor group."""
+    size = torch.distributed.get_world_size(group)
+    for p in module.parameters():
+        if is_tp_sharded(p):
+            continue
+        copies = [torch.empty_like(p.detach()) for _ in range(size)]
+        torch.distributed.all_gather(copies, p.detach().contiguous(), group=group)
+        if not all(torch.equal(c, p.detach()) for c in copies):
+            return False
+    return True
+
+
+def hf_equivalence(family: str, tp: int, sequence_parallel: bool, optim: str, steps: int) -> dict:
+    """A tiny HF model sharded by its default (structural) plan against the unsharded model: logits,
+    loss (loss_fn and the model's own labels= loss), gathered gradients, then a few clipped steps."""
+    import copy
+
+    from plait.tensor import clip_grad_norm_
+
+    mesh = Mesh(tp=tp)
+    group = mesh.group("tp")
+    from plait.tensor.hf import describe
+
+    ref = hf_model(family, attn="eager" if family == "llama" else "sdpa")
+    model = parallelize(copy.deepcopy(ref), mesh, sequence_parallel=sequence_parallel)
+    vocab = ref.config.vocab_size
+    ids = _hf_ids(vocab)
+    first_norm = next(n for n, what in describe(ref).items() if what.startswith("norm"))
+    seen = []
+    model.get_submodule(first_norm).register_forward_hook(
+        lambda m, a, o: seen.append(a[0].shape[1])
+    )
+
+    want = ref(input_ids=ids).logits
+    ref_loss = _next_token_loss(want, ids)
+    ref_loss.backward()
+    out = model(input_ids=ids)
+    loss = loss_fn(model)(out.logits[:, :-1], ids[:, 1:])
+    loss.backward()
+    grads = gather_grads(model)
+    own = model(input_ids=ids, labels=ids).loss  # the model's own loss_function, now sharded
+    head = model.get_output_embeddings()
+    result = {
+        "local_vocab": out.logits.shape[-1],
+        "logits": _rel(gather_vocab(out.logits, group, vocab), want),
+        "loss": _rel(loss.detach(), ref_loss.detach()),
+        "own_loss": _rel(own.detach(), ref_loss.detach()),
+        "grads": _grad_errors(grads, ref),
+        "grad_names_match": sorted(grads) == sorted(n for n, _ in ref.named_parameters()),
+        "tied": head.weight is model.get_input_embeddings().weight,
+        "head_sharded": is_tp_sharded(head.weight),
+        "norm_tokens": seen[0],  # the sequence length a decoder layer's norm works on
+    }
+
+    def make(params):
+        if optim == "adamw":
+            return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+        return torch.optim.SGD(params, lr=0.5, momentum=0.9)
+
+    opt, ref_opt = make(model.parameters()), make(ref.parameters())
+    norms = []
+    for step in range(steps):
+        ids = _hf_ids(vocab, step + 1)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        _next_token_loss(ref(input_ids=ids).logits, ids).backward()
+        loss_fn(model)(model(input_ids=ids).logits[:, :-1], ids[:, 1:]).backward()
+        ref_norm = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        norm = clip_grad_norm_(model.parameters(), 0.5, mesh)
+        norms.append(_rel(norm, ref_norm))
+        opt.step()
+        ref_opt.step()
+    state = gather_state_dict(model)
+    ref_state = ref.state_dict()
+    result["norms"] = norms
+    result["clipped"] = steps == 0 or float(ref_norm) > 0.5
+    result["replicated_identical"] = _replicated_identical(model, group)
+    result["params_after"] = max(_rel(state[k], ref_state[k]) for k in ref_state)
+    return result
+
+
+class _LlamaStage(nn.Module):
+    """Part of an HF Llama under its own names: some decoder layers, perhaps the embedding (first)
+    or the final norm and head (last), as a pipeline stage would hold them."""
+
+    def __init__(self, full: nn.Module, layers: list[int], first: bool, last: bool):
+        super().__init__()
+        self.model = nn.Module()
+        if first:
+            self.model.embed_tokens = full.model.embed_tokens
+        self.model.layers = nn.ModuleDict({str(i): full.model.layers[i] for i in layers})
+        if last:
+            self.model.norm = full.model.norm
+            self.lm_head = full.lm_head
+        self.rotary = [full.model.rotary_emb]  # a list: not a submodule (no parameters anyway)
+        self.first, self.last = first, last
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.model.embed_tokens(x) if self.first else x
+        pos = torch.arange(h.shape[1]).unsqueeze(0)
+        cos_sin = self.rotary[0](h, pos)
+        for layer in self.model.layers.values():  # sdpa, no mask: causal
+            h = layer(h, attention_mask=None, position_embeddings=cos_sin, position_ids=pos)
+        return self.lm_head(self.model.norm(h)) if self.last else h
+
+
+def hf_equivalence_many(tp: int, cases: list[tuple[str, bool, str, int]]) -> dict:
+    """:func:`hf_equivalence` for several ``(family, sequence_parallel, optim, steps)`` in one
+    launch (starting workers costs more than these tiny models)."""
+    return {case: hf_equivalence(case[0], tp, *case[1:]) for case in cases}
+
+
+def hf_stages(tp: int) -> dict:
+    """:func:`hf_stage_pair` without and with sequence parallelism."""
+    return {sp: hf_stage_pair(tp, sp) for sp in (False, True)}
+
+
+def hf_stage_pair(tp: int, sequence_parallel: bool) -> dict:
+    """A 3-layer Llama cut into two stages (embed + layer 0; layers 1-2 + norm + head), each
+    sharded by the default plan on its own, chained, against the whole unsharded model."""
+    import copy
+
+    mesh = Mesh(tp=tp)
+    ref = hf_model("llama", layers=3)
+    full = copy.deepcopy(ref)
+    s0 = _LlamaStage(full, [0], first=True, last=False)
+    s1 = _LlamaStage(full, [1, 2], first=False, last=True)
+    names1 = sorted(n for n, _ in s1.named_parameters())
+    s0 = parallelize(s0, mesh, sequence_parallel=sequence_parallel)
+    s1 = parallelize(s1, mesh, sequence_parallel=sequence_parallel)
+    ids = _hf_ids(ref.config.vocab_size)
+    want = ref(input_ids=ids).logits
+    ref_loss = _next_token_loss(want, ids)
+    ref_loss.backward()
+    h = s0(ids)
+    logits = s1(h)
+    loss = loss_fn(s1)(logits[:, :-1], ids[:, 1:])
+    loss.backward()
+    grads = {**gather_grads(s0), **gather_grads(s1)}
+    return {
+        "stage1_names": names1,
+        "hidden_shape": tuple(h.shape),
+        "logits": _rel(gather_vocab(logits, mesh.group("tp"), ref.config.vocab_size), want),
+        "loss": _rel(loss.detach(), ref_loss.detach()),
+        "grads": _grad_errors(grads, ref),
+        "all_grads": sorted(grads) == sorted(n for n, _ in ref.named_parameters()),
+    }

@@ -10,7 +10,8 @@ function                       forward                        backward
 :func:`gather_from_sequence`   all-gather along the sequence  reduce-scatter along the sequence
 :func:`reduce_scatter_to_seq`  reduce-scatter along sequence  all-gather along the sequence
 :func:`scatter_to_sequence`    keep this rank's chunk         all-gather along the sequence
-:func:`gather_from_region`     all-gather the last dim        keep this rank's chunk
+:func:`gather_from_region`     all-gather the last dim (or    keep this rank's chunk
+                               ``dim``)
 =============================  =============================  ====================================
 
 A column-parallel layer's input passes through ``copy_to_region`` (every rank needs the whole input;
@@ -81,13 +82,13 @@ class _ReduceFromRegion(torch.autograd.Function):
 
 class _GatherFromRegion(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return comm.all_gather(x, group, dim=-1, axis=AXIS, phase="forward")
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return comm.all_gather(x, group, dim=dim, axis=AXIS, phase="forward")
 
     @staticmethod
     def backward(ctx, grad):
-        return _chunk(grad, ctx.group, -1), None
+        return _chunk(grad, ctx.group, ctx.dim), None, None
 
 
 class _GatherFromSequence(torch.autograd.Function):
@@ -150,14 +151,22 @@ def reduce_from_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torc
     return x if _trivial(group) else _ReduceFromRegion.apply(x, group)
 
 
-def gather_from_region(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
-    """All-gather a last-dim shard (e.g. column-parallel outputs); backward keeps this rank's part.
+def gather_from_region(
+    x: torch.Tensor, group: dist.ProcessGroup | None, dim: int = -1
+) -> torch.Tensor:
+    """All-gather a shard along ``dim`` (default the last: column-parallel outputs) into a tensor
+    every rank then uses alike; backward keeps this rank's part of the (replicated) gradient.
+
+    Unlike :func:`gather_from_sequence`, whose consumers are column-parallel and so produce
+    partial gradients to be reduce-scattered, this one's consumers are replicated (a sequence
+    leaving the sequence-parallel region into code every rank runs the same).
 
     Example::
 
         full_logits = gather_from_region(local_logits, group)   # (..., V/tp) -> (..., V)
+        whole = gather_from_region(h, group, dim=1)             # (B, T/tp, H) -> (B, T, H)
     """
-    return x if _trivial(group) else _GatherFromRegion.apply(x, group)
+    return x if _trivial(group) else _GatherFromRegion.apply(x, group, dim)
 
 
 def gather_from_sequence(

@@ -15,6 +15,17 @@ Every sharded parameter carries a :class:`TPShard` as ``param._plait_tp`` and
 ``param._plait_tp_sharded = True`` (see :mod:`plait.tensor.state`); each layer builds itself from
 an existing ``nn.Linear`` / ``nn.Embedding`` with ``from_linear`` / ``from_embedding``, taking this
 rank's slice of the weights, so a model initialised once and then sharded equals the unsharded one.
+
+Two shapes of linear layer beyond ``nn.Linear`` are understood:
+
+* a *transposed* one, ``y = x W + b`` with ``W`` of shape ``(in, out)`` -- the ``Conv1D`` of
+  GPT-2 in transformers (anything with ``nx``, ``nf`` and such a ``weight``). The sharded layer
+  keeps that layout (``transposed=True``), so its state dict and gradients still have the
+  original shapes.
+* a *fused* column layer whose output is several projections side by side (GPT-2's ``c_attn``
+  is ``[q | k | v]``, Phi-3's ``gate_up_proj`` ``[gate | up]``): ``parts`` gives their sizes and
+  each part is cut separately, so rank ``r`` holds ``[q_r | k_r | v_r]`` -- its own heads of each
+  -- and the module's own split of the output still works on the local width.
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ __all__ = [
     "mark_sharded",
     "sync_grad_across",
     "shard_range",
+    "part_ranges",
+    "linear_dims",
     "fused_region_entry",
 ]
 
@@ -53,17 +66,38 @@ OutputMode = Literal["reduce", "reduce_scatter"]
 
 @dataclass(frozen=True)
 class TPShard:
-    """How a parameter is cut: along ``dim``, ``full_size`` long before any padding."""
+    """How a parameter is cut: along ``dim``, ``full_size`` long before any padding; ``parts``,
+    for a fused layer, the sizes of the pieces along ``dim`` that are each cut into tp shards."""
 
     dim: int
     full_size: int
     group: dist.ProcessGroup | None
+    parts: tuple[int, ...] | None = None
 
 
-def mark_sharded(p: nn.Parameter, dim: int, full_size: int, group) -> nn.Parameter:
-    p._plait_tp = TPShard(dim, full_size, group)
+def mark_sharded(
+    p: nn.Parameter, dim: int, full_size: int, group, parts: tuple[int, ...] | None = None
+) -> nn.Parameter:
+    p._plait_tp = TPShard(dim, full_size, group, parts)
     p._plait_tp_sharded = True
     return p
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int, bool] | None:
+    """``(in_features, out_features, transposed)`` of an ``nn.Linear`` or of a transposed linear
+    layer (transformers' ``Conv1D``: ``nx``, ``nf`` and a ``weight`` of shape ``(nx, nf)``);
+    None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features, False
+    nx, nf, w = (
+        getattr(module, "nx", None),
+        getattr(module, "nf", None),
+        getattr(module, "weight", None),
+    )
+    if isinstance(nx, int) and isinstance(nf, int) and isinstance(w, torch.Tensor):
+        if tuple(w.shape) == (nx, nf):
+            return nx, nf, True
+    return None
 
 
 def sync_grad_across(p: nn.Parameter, group) -> None:
@@ -98,6 +132,16 @@ def shard_range(full: int, tp: int, rank: int, *, pad: bool, what: str) -> tuple
     return start, min(start + local, full), local
 
 
+def part_ranges(parts: tuple[int, ...], tp: int, rank: int) -> list[tuple[int, int]]:
+    """Rank's ``(start, stop)`` in each of the fused ``parts`` (offsets into the whole)."""
+    out, offset = [], 0
+    for n in parts:
+        local = n // tp
+        out.append((offset + rank * local, offset + (rank + 1) * local))
+        offset += n
+    return out
+
+
 def _take(src: torch.Tensor, dim: int, start: int, stop: int, local: int) -> torch.Tensor:
     """Rows/columns ``start:stop`` of ``src`` along ``dim``, zero-padded to ``local``."""
     part = src.detach().narrow(dim, start, stop - start)
@@ -110,14 +154,23 @@ def _take(src: torch.Tensor, dim: int, start: int, stop: int, local: int) -> tor
     return out
 
 
-def _shaped_like(cls, linear: nn.Linear, group, kwargs: dict):
-    """A ``cls`` layer with ``linear``'s sizes, bias, dtype and device (weights not yet set)."""
+def _take_ranges(src: torch.Tensor, dim: int, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.cat([src.detach().narrow(dim, a, b - a) for a, b in ranges], dim=dim)
+
+
+def _shaped_like(cls, linear: nn.Module, group, kwargs: dict):
+    """A ``cls`` layer with ``linear``'s sizes, layout, bias, dtype and device (weights not set)."""
+    dims = linear_dims(linear)
+    if dims is None:
+        raise TypeError(f"expected an nn.Linear or a transposed linear layer, got {linear!r}")
+    in_features, out_features, transposed = dims
     w = linear.weight
     return cls(
-        linear.in_features,
-        linear.out_features,
+        in_features,
+        out_features,
         linear.bias is not None,
         group=group,
+        transposed=transposed,
         device=w.device,
         dtype=w.dtype,
         **kwargs,
@@ -190,7 +243,7 @@ def fused_region_entry(x: torch.Tensor, layers: list[ColumnParallelLinear], grou
     layer its output, to be returned when the enclosing module calls it on ``x``."""
     params: list[torch.Tensor] = []
     for layer in layers:
-        params.append(layer.weight)
+        params.append(layer.linear_weight())
         # An empty tensor stands for "no bias": autograd Functions take tensors, not None.
         params.append(layer.bias if layer.bias is not None else layer.weight.new_empty(0))
     outs = _CopyThenLinears.apply(x, group, *params)
@@ -209,6 +262,10 @@ class ColumnParallelLinear(nn.Module):
         gather_output: all-gather the output to full width (drops vocabulary padding).
         pad: allow ``out_features`` not divisible by tp (the vocabulary); the last shard is
             zero-padded and ``out_features`` stays the true size.
+        parts: the sizes of fused projections side by side in the output (their sum is
+            ``out_features``); each is cut separately and this rank holds its slice of each, in
+            order. ``start``/``stop`` are then None.
+        transposed: ``weight`` is ``(in, out)`` (GPT-2's ``Conv1D``), cut along dim 1.
 
     Example::
 
@@ -226,6 +283,8 @@ class ColumnParallelLinear(nn.Module):
         input_mode: InputMode = "copy",
         gather_output: bool = False,
         pad: bool = False,
+        parts: tuple[int, ...] | None = None,
+        transposed: bool = False,
         sequence_dim: int = 1,
         what: str = "out_features",
         device=None,
@@ -234,31 +293,61 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group, self.input_mode, self.gather_output = group, input_mode, gather_output
-        self.sequence_dim = sequence_dim
+        self.sequence_dim, self.transposed = sequence_dim, transposed
         tp, rank = comm.group_size(group), comm.group_rank(group)
-        self.start, self.stop, local = shard_range(out_features, tp, rank, pad=pad, what=what)
+        self.parts = tuple(parts) if parts else None
+        if self.parts:
+            if sum(self.parts) != out_features or pad or gather_output:
+                raise ValueError(
+                    f"fused parts {self.parts} must sum to out_features={out_features}, "
+                    f"without padding or a gathered output"
+                )
+            for n in self.parts:
+                shard_range(n, tp, rank, pad=False, what=what)  # raises unless tp divides n
+            self.start = self.stop = None
+            self.ranges = part_ranges(self.parts, tp, rank)
+            local = sum(b - a for a, b in self.ranges)
+        else:
+            self.start, self.stop, local = shard_range(out_features, tp, rank, pad=pad, what=what)
         kw = {"device": device, "dtype": dtype}
+        shape = (in_features, local) if transposed else (local, in_features)
         self.weight = mark_sharded(
-            nn.Parameter(torch.empty(local, in_features, **kw)), 0, out_features, group
+            nn.Parameter(torch.empty(shape, **kw)),
+            1 if transposed else 0,
+            out_features,
+            group,
+            self.parts,
         )
         self.bias = (
-            mark_sharded(nn.Parameter(torch.zeros(local, **kw)), 0, out_features, group)
+            mark_sharded(nn.Parameter(torch.zeros(local, **kw)), 0, out_features, group, self.parts)
             if bias
             else None
         )
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group, **kwargs) -> ColumnParallelLinear:
-        """This rank's rows of an existing ``nn.Linear`` (same dtype and device)."""
+    def from_linear(cls, linear: nn.Module, group, **kwargs) -> ColumnParallelLinear:
+        """This rank's rows of an existing ``nn.Linear`` (or columns of a transposed ``Conv1D``),
+        same dtype and device."""
         w = linear.weight
         layer = _shaped_like(cls, linear, group, kwargs)
-        local = layer.weight.shape[0]
+        dim = 1 if layer.transposed else 0
+        local = layer.weight.shape[dim]
+
+        def take(t: torch.Tensor, d: int) -> torch.Tensor:
+            if layer.parts:
+                return _take_ranges(t, d, layer.ranges)
+            return _take(t, d, layer.start, layer.stop, local)
+
         with torch.no_grad():
-            layer.weight.copy_(_take(w, 0, layer.start, layer.stop, local))
+            layer.weight.copy_(take(w, dim))
             if linear.bias is not None:
-                layer.bias.copy_(_take(linear.bias, 0, layer.start, layer.stop, local))
+                layer.bias.copy_(take(linear.bias, 0))
         layer.weight.requires_grad_(w.requires_grad)
         return layer
+
+    def linear_weight(self) -> torch.Tensor:
+        """The weight in ``nn.Linear`` layout, ``(out_local, in)`` (a view when transposed)."""
+        return self.weight.t() if self.transposed else self.weight
 
     _precomputed: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -274,8 +363,9 @@ class ColumnParallelLinear(nn.Module):
                     "mark its parent 'region'"
                 )
             return y
+        w = self.linear_weight()
         if self.input_mode == "copy" and comm.group_size(self.group) > 1:
-            y = _CopyThenLinear.apply(x, self.weight, self.bias, self.group)
+            y = _CopyThenLinear.apply(x, w, self.bias, self.group)
             if self.gather_output:
                 y = gather_from_region(y, self.group)[..., : self.out_features]
             return y
@@ -283,15 +373,17 @@ class ColumnParallelLinear(nn.Module):
             x = copy_to_region(x, self.group)
         elif self.input_mode == "sequence":
             x = gather_from_sequence(x, self.group, self.sequence_dim)
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, w, self.bias)
         if self.gather_output:
             y = gather_from_region(y, self.group)[..., : self.out_features]
         return y
 
     def extra_repr(self) -> str:
+        where = f"parts {self.parts}" if self.parts else f"rows {self.start}:{self.stop}"
         return (
-            f"in={self.in_features}, out={self.out_features} (rows {self.start}:{self.stop}), "
+            f"in={self.in_features}, out={self.out_features} ({where}), "
             f"input={self.input_mode}, gather_output={self.gather_output}"
+            + (", transposed" if self.transposed else "")
         )
 
 
@@ -316,6 +408,7 @@ class RowParallelLinear(nn.Module):
         *,
         group: dist.ProcessGroup | None,
         output_mode: OutputMode = "reduce",
+        transposed: bool = False,
         sequence_dim: int = 1,
         what: str = "in_features",
         device=None,
@@ -324,29 +417,35 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.group, self.output_mode, self.sequence_dim = group, output_mode, sequence_dim
+        self.transposed = transposed
         tp, rank = comm.group_size(group), comm.group_rank(group)
         self.start, self.stop, local = shard_range(in_features, tp, rank, pad=False, what=what)
         kw = {"device": device, "dtype": dtype}
+        shape = (local, out_features) if transposed else (out_features, local)
         self.weight = mark_sharded(
-            nn.Parameter(torch.empty(out_features, local, **kw)), 1, in_features, group
+            nn.Parameter(torch.empty(shape, **kw)), 0 if transposed else 1, in_features, group
         )
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         if self.bias is not None and output_mode == "reduce_scatter":
             sync_grad_across(self.bias, group)  # added to sequence shards: partial gradients
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group, **kwargs) -> RowParallelLinear:
-        """This rank's columns of an existing ``nn.Linear``; the bias is copied whole."""
+    def from_linear(cls, linear: nn.Module, group, **kwargs) -> RowParallelLinear:
+        """This rank's columns of an existing ``nn.Linear`` (rows of a transposed ``Conv1D``);
+        the bias is copied whole."""
         w = linear.weight
         layer = _shaped_like(cls, linear, group, kwargs)
         with torch.no_grad():
-            layer.weight.copy_(w[:, layer.start : layer.stop])
+            if layer.transposed:
+                layer.weight.copy_(w[layer.start : layer.stop])
+            else:
+                layer.weight.copy_(w[:, layer.start : layer.stop])
             if linear.bias is not None:
                 layer.bias.copy_(linear.bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight.t() if self.transposed else self.weight)
         if self.output_mode == "reduce":
             y = reduce_from_region(y, self.group)
         else:
@@ -356,7 +455,7 @@ class RowParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in={self.in_features} (cols {self.start}:{self.stop}), out={self.out_features}, "
-            f"output={self.output_mode}"
+            f"output={self.output_mode}" + (", transposed" if self.transposed else "")
         )
 
 

@@ -26,7 +26,13 @@ from torch import nn
 
 from plait import comm
 
-__all__ = ["vocab_parallel_cross_entropy", "loss_fn", "vocab_head", "gather_vocab"]
+__all__ = [
+    "vocab_parallel_cross_entropy",
+    "loss_fn",
+    "vocab_head",
+    "gather_vocab",
+    "causal_lm_loss_function",
+]
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
@@ -117,10 +123,26 @@ def gather_vocab(local_logits: torch.Tensor, group, vocab_size: int) -> torch.Te
     return gather_from_region(local_logits, group)[..., :vocab_size]
 
 
-def _plain_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _logits(out) -> torch.Tensor:
+    """The logits of a model's output: a tensor, or a Hugging Face output's ``.logits``."""
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _plain_loss(logits, targets: torch.Tensor) -> torch.Tensor:
     from plait.models.transformer import Transformer
 
-    return Transformer.loss(logits, targets)
+    return Transformer.loss(_logits(logits), targets)
+
+
+def _sharded_loss(logits, targets, *, group, vocab_size, vocab_start, ignore_index=-100):
+    return vocab_parallel_cross_entropy(
+        _logits(logits),
+        targets,
+        group,
+        vocab_size=vocab_size,
+        vocab_start=vocab_start,
+        ignore_index=ignore_index,
+    )
 
 
 def vocab_head(module: nn.Module) -> nn.Module | None:
@@ -140,7 +162,10 @@ def loss_fn(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.T
 
     A module (or pipeline stage) whose output layer is vocabulary-parallel gets
     :func:`vocab_parallel_cross_entropy` bound to its group and vocabulary; anything else the
-    reference model's plain cross-entropy.
+    reference model's plain cross-entropy. ``logits`` may be a Hugging Face model's output (its
+    ``.logits`` are used); ``targets`` are aligned with the logits (the next tokens, as
+    :class:`plait.data.ByteDataset` gives them), so for an HF causal LM's ``labels=ids`` loss
+    pass ``out.logits[:, :-1]`` and ``ids[:, 1:]``.
 
     Example::
 
@@ -151,8 +176,47 @@ def loss_fn(module: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.T
     if head is None:
         return _plain_loss
     return functools.partial(
-        vocab_parallel_cross_entropy,
-        group=head.group,
-        vocab_size=head.out_features,
-        vocab_start=head.start,
+        _sharded_loss, group=head.group, vocab_size=head.out_features, vocab_start=head.start
     )
+
+
+def causal_lm_loss_function(module: nn.Module) -> Callable | None:
+    """A Hugging Face ``loss_function`` for a causal LM whose head is vocabulary-parallel: the
+    model's own ``model(ids, labels=ids).loss`` (labels shifted inside, ``-100`` ignored,
+    ``num_items_in_batch`` honoured) from sharded logits. None without such a head.
+
+    Example::
+
+        model.loss_function = causal_lm_loss_function(model)   # parallelize does this
+    """
+    head = vocab_head(module)
+    if head is None:
+        return None
+
+    def loss(
+        logits,
+        labels,
+        vocab_size=None,
+        num_items_in_batch=None,
+        ignore_index=-100,
+        shift_labels=None,
+        **kwargs,
+    ):
+        if shift_labels is None:
+            padded = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)
+            shift_labels = padded[..., 1:]
+        shift_labels = shift_labels.to(logits.device)
+        mean = vocab_parallel_cross_entropy(
+            logits,
+            shift_labels,
+            head.group,
+            vocab_size=head.out_features,
+            vocab_start=head.start,
+            ignore_index=ignore_index,
+        )
+        if num_items_in_batch is None:
+            return mean
+        count = (shift_labels != ignore_index).sum()
+        return mean * count / num_items_in_batch
+
+    return loss

@@ -3,10 +3,16 @@
 The plan (default: :func:`~plait.tensor.plans.default_plan`) maps module names to styles. Every
 matched module is checked before any is changed, then each is replaced by its tensor-parallel
 counterpart built from this rank's slice of its existing weights -- so a model initialised once and
-then sharded computes exactly what the unsharded one does.
+then sharded computes exactly what the unsharded one does. Every pattern of a plan must match some
+module: a typo is an error, not a layer silently left whole.
+
+A parameter two sharded modules share (a head tied to the embedding) is cut once: the second
+module gets the first one's shard, so they stay tied.
 """
 
 from __future__ import annotations
+
+import difflib
 
 import torch.distributed as dist
 from torch import nn
@@ -14,7 +20,7 @@ from torch import nn
 from plait import comm
 from plait.mesh import Mesh
 from plait.tensor.collectives import check_sequence_divisible
-from plait.tensor.loss import loss_fn, vocab_head
+from plait.tensor.loss import causal_lm_loss_function, loss_fn, vocab_head
 from plait.tensor.plans import default_plan, match
 from plait.tensor.styles import STYLES, Context, Region, Style
 
@@ -48,14 +54,62 @@ def _match(module: nn.Module, plan) -> list[tuple[str, nn.Module, Style]]:
     if plan is None:
         plan = default_plan(module)
     styles = {pattern: _style(v, pattern) for pattern, v in plan.items()}
-    matched = [
-        (name, m, s) for name, m in module.named_modules() if (s := match(styles, name)) is not None
-    ]
-    if not matched:
-        raise ValueError(
-            f"the plan matched no module of {type(module).__name__}; patterns: {list(styles)}"
-        )
+    order = {pattern: i for i, pattern in enumerate(styles)}
+    # Exact names (what the ready-made plans use) by lookup, wildcards by fnmatch; as in
+    # plans.match, the first pattern of the plan that matches a name wins.
+    wild = [p for p in styles if any(c in p for c in "*?[")]
+    modules = list(module.named_modules())
+    matched, used = [], set()
+    for name, m in modules:
+        hits = [p for p in wild if match({p: True}, name)]
+        if name in styles:
+            hits.append(name)
+        if hits:
+            first = min(hits, key=order.__getitem__)
+            matched.append((name, m, styles[first]))
+            used.update(hits)
+    names = [name for name, _ in modules]
+    for pattern in styles:
+        if pattern not in used:
+            near = difflib.get_close_matches(pattern, names, n=3, cutoff=0.3)
+            shown = near or [n for n in names if n][:3]
+            raise ValueError(
+                f"plan pattern {pattern!r} matches no module of {type(module).__name__}; modules "
+                f"include {', '.join(map(repr, shown))} (fnmatch: '*' spans dots)"
+            )
     return matched
+
+
+def _share_tied(old: nn.Module, new: nn.Module, name: str, shared: dict) -> None:
+    """Make ``new`` use the shard of any parameter ``old`` shared with a module already replaced
+    (a tied head and embedding); remember the rest."""
+    new_params = dict(new.named_parameters())
+    for pname, p in old.named_parameters():
+        q = new_params.get(pname)
+        if q is None or q is p:  # gone, or carried over whole (the reference's positions)
+            continue
+        if id(p) not in shared:
+            shared[id(p)] = (p, q, name)  # p kept alive: its id stays unique
+            continue
+        _, first, where = shared[id(p)]
+        if first.shape != q.shape or getattr(first, "_plait_tp", None) != getattr(
+            q, "_plait_tp", None
+        ):
+            raise ValueError(
+                f"{name!r} shares its {pname} with {where!r}, but the plan shards them "
+                f"differently ({tuple(first.shape)} vs {tuple(q.shape)}); give both one style"
+            )
+        owner, _, leaf = pname.rpartition(".")
+        setattr(new.get_submodule(owner), leaf, first)
+
+
+def _check_ties(module: nn.Module, shared: dict) -> None:
+    for pname, p in module.named_parameters():
+        if id(p) in shared and shared[id(p)][0] is p:
+            raise ValueError(
+                f"{pname} is shared with {shared[id(p)][2]!r}, which was sharded, but is itself "
+                f"left whole; add its module to the plan with the same style"
+            )
 
 
 def validate(
@@ -132,6 +186,7 @@ def parallelize(
         s.check(m, name, base)
     regions = [name for name, _, s in matched if isinstance(s, Region)]
     replaced: list[str] = []
+    shared: dict[int, tuple] = {}
     for name, m, s in matched:
         if any(name.startswith(r + ".") for r in replaced):
             continue  # inside a module that was already replaced whole
@@ -139,13 +194,25 @@ def parallelize(
         new = s.apply(m, name, Context(group, tp, sequence_parallel, sequence_dim, inside))
         if new is None or new is m:
             continue
+        _share_tied(m, new, name, shared)
         replaced.append(name)
         if name == "":
             module = new
         else:
             parent, _, leaf = name.rpartition(".")
             setattr(module.get_submodule(parent), leaf, new)
+    _check_ties(module, shared)
     if hasattr(module, "loss") and vocab_head(module) is not None:
         # The trainer keeps calling model.loss(logits, y); the logits are now vocabulary shards.
         module.loss = loss_fn(module)
+    if _is_causal_lm(module) and vocab_head(module) is not None:
+        # A Hugging Face causal LM computes model(ids, labels=ids).loss with its loss_function.
+        module.loss_function = causal_lm_loss_function(module)
     return module
+
+
+def _is_causal_lm(module: nn.Module) -> bool:
+    return hasattr(type(module), "loss_function") and getattr(module, "loss_type", None) in (
+        None,
+        "ForCausalLM",
+    )

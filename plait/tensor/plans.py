@@ -1,4 +1,5 @@
-"""Ready-made plans: the reference transformer (found by module type) and Hugging Face Llama.
+"""Ready-made plans: the reference transformer (found by module type) and, found by structure,
+users' decoder models (:func:`~plait.tensor.hf.hf_plan`: Llama, Mistral, Qwen2, Phi-3, GPT-2, ...).
 
 :func:`transformer_plan` looks for the reference model's modules wherever they sit, so it shards a
 whole :class:`~plait.models.Transformer` or any part of one (a pipeline stage holding ``embed`` and
@@ -122,52 +123,39 @@ def transformer_plan(module: nn.Module) -> dict[str, Style]:
 
 
 def llama_plan(model: nn.Module) -> dict[str, Style]:
-    """The plan for a Hugging Face ``LlamaForCausalLM`` / ``LlamaModel`` (patterns).
+    """The structural plan (:func:`~plait.tensor.hf.hf_plan`) with the head's logits gathered to
+    the full vocabulary, so the model's own forward, loss and ``generate`` see whole logits.
 
-    Attention is sharded by heads (query and key/value heads must both divide by tp), the MLP
-    gate/up column-parallel and down row-parallel, the embedding by vocabulary. ``lm_head`` gathers
-    its output, so the model's own forward (and loss) see full-vocabulary logits.
+    Kept for the name; it is no longer specific to Llama (and shards tied embeddings too).
 
     Example::
 
         model = LlamaForCausalLM(LlamaConfig(...))
         parallelize(model, mesh, plan=llama_plan(model))
     """
-    cfg = model.config
-    if getattr(cfg, "tie_word_embeddings", False):
-        raise ValueError(
-            "llama_plan does not shard tied input/output embeddings; build the model with "
-            "tie_word_embeddings=False"
-        )
-    return {
-        "*embed_tokens": Vocab(),
-        "*layers.*.self_attn": Region(
-            counts={
-                "num_attention_heads": cfg.num_attention_heads,
-                "num_key_value_heads": cfg.num_key_value_heads,
-            }
-        ),
-        "*self_attn.q_proj": Colwise(what="hidden"),
-        "*self_attn.k_proj": Colwise(what="kv_hidden"),
-        "*self_attn.v_proj": Colwise(what="kv_hidden"),
-        "*self_attn.o_proj": Rowwise(what="hidden"),
-        "*layers.*.mlp": Region(),
-        "*mlp.gate_proj": Colwise(what="intermediate_size"),
-        "*mlp.up_proj": Colwise(what="intermediate_size"),
-        "*mlp.down_proj": Rowwise(what="intermediate_size"),
-        "lm_head": Vocab(gather_output=True),
-    }
+    from plait.tensor.hf import hf_plan
+
+    return hf_plan(model, gather_output=True)
 
 
 def default_plan(module: nn.Module) -> dict[str, Style]:
-    """The reference transformer's plan, or Llama's, or an error saying to pass one."""
-    plan = transformer_plan(module)
+    """The reference transformer's plan, or the structural one (:func:`~plait.tensor.hf.hf_plan`),
+    or an error saying what was looked for.
+
+    Example::
+
+        default_plan(GPT2LMHeadModel(cfg))["transformer.h.0.attn.c_attn"]   # Colwise(parts=...)
+    """
+    from plait.tensor.hf import hf_plan
+
+    plan = transformer_plan(module) or hf_plan(module)
     if plan:
         return plan
-    if "llama" in type(module).__name__.lower() and hasattr(module, "config"):
-        return llama_plan(module)
     raise ValueError(
-        f"no tensor-parallel plan known for {type(module).__name__}; pass "
+        f"no tensor-parallel plan found for {type(module).__name__}: looked for the reference "
+        f"transformer's modules and for attention (q_proj/k_proj/v_proj/o_proj, qkv_proj+o_proj "
+        f"or c_attn+c_proj), MLPs (gate_proj/up_proj/down_proj, gate_up_proj+down_proj or "
+        f"c_fc+c_proj), a token embedding and an output head; pass "
         f"plan={{'module.name.pattern': 'column' | 'row' | 'vocab' | 'region' | 'norm'}}"
     )
 

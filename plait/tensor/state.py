@@ -27,6 +27,12 @@ def is_tp_sharded(p: torch.Tensor) -> bool:
 def _full(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     info = p._plait_tp
     whole = comm.all_gather(t.detach(), info.group, info.dim, axis="tp", phase="gather")
+    if info.parts:
+        # A fused layer: rank r holds [q_r | k_r | v_r]; put the pieces back as [q | k | v].
+        tp = comm.group_size(info.group)
+        sizes = [n // tp for n in info.parts]
+        pieces = [c.split(sizes, dim=info.dim) for c in whole.chunk(tp, dim=info.dim)]
+        whole = torch.cat([pieces[r][i] for i in range(len(sizes)) for r in range(tp)], info.dim)
     return whole.narrow(info.dim, 0, info.full_size).contiguous()
 
 
