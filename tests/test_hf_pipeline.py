@@ -1,11 +1,11 @@
 """Hugging Face decoders cut into pipeline stages: the stages compute the whole model, in one
 process and on real processes with every schedule, exactly (float64)."""
 
+import hf_models
+import pp_workers
 import pytest
 import torch
 
-import hf_models
-import pp_workers
 from plait import launch
 from plait.models import resolve_model
 from plait.models.layout import find_layout

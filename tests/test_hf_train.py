@@ -5,9 +5,9 @@ Hugging Face format, and training can start from a Hugging Face directory's weig
 import subprocess
 import sys
 
+import hf_models
 import pytest
 
-import hf_models
 from plait.config import ParallelConfig
 from plait.train import TrainConfig, train
 
