@@ -8,6 +8,9 @@ The public API::
     plait.ByteDataset                     # byte-level text data, deterministic per seed
     plait.ParallelConfig(dp, pp, tp, ...) # how a step is split: one config for every command
     plait.train(TrainConfig(...))         # the training loop
+    plait.resolve_model("hf:./my-llama")  # a model by name: preset, hf:PATH or pkg.mod:fn
+    plait.clip_grad_norm_(params, 1.0, mesh)  # global-norm clipping that counts shards once
+    plait.GradSync(params, mesh.group("dp"))  # data-parallel gradient averaging, overlapped
 
 Names load on first use, so ``import plait`` (and the command line's argument parsing) does not
 import torch until something needs it.
@@ -30,6 +33,10 @@ _LAZY = {
     "MeshShape": "plait.mesh_shape",
     "TrainConfig": "plait.train",
     "WorkerError": "plait.launch",
+    "clip_grad_norm_": "plait.tensor.clip",
+    "GradSync": "plait.train.grads",
+    "resolve_model": "plait.models.source",
+    "UserModel": "plait.models.source",
     "launch": "plait.launch",
     "train": "plait.train",
 }
@@ -37,12 +44,16 @@ _SUBPACKAGES = ("pipeline", "tasks", "tensor", "models", "plan", "infer")
 
 __all__ = [
     "ByteDataset",
+    "GradSync",
     "Mesh",
     "MeshShape",
     "ParallelConfig",
     "TrainConfig",
+    "UserModel",
     "WorkerError",
+    "clip_grad_norm_",
     "launch",
+    "resolve_model",
     "train",
     "__version__",
 ]

@@ -1,4 +1,4 @@
-"""The ``plait`` command line: train, infer, plan, simulate, compare, demo."""
+"""The ``plait`` command line: train, export, infer, plan, simulate, compare, demo."""
 
 from __future__ import annotations
 
@@ -132,12 +132,53 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a training checkpoint as a Hugging Face directory",
+        description="Write a checkpoint of an hf: model, saved at any mesh, as a "
+        "save_pretrained directory (safetensors, with the source directory's tokenizer and "
+        "generation config) that transformers.AutoModelForCausalLM.from_pretrained reloads.",
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        metavar="DIR",
+        help="a checkpoint (step-N/) or a --checkpoint-dir root (its newest complete one)",
+    )
+    p.add_argument("--out", required=True, metavar="HF_DIR", help="the directory to write")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="the hf:DIR it was trained from; default: the model the checkpoint records "
+        "(checkpoints without plait.json need it)",
+    )
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args) -> int:
+    from plait.train.checkpoint import checkpoint_meta, find_checkpoint
+    from plait.train.export import export_hf
+
+    out = export_hf(args.checkpoint, args.out, model=args.model)
+    ck = find_checkpoint(args.checkpoint)
+    meta = checkpoint_meta(ck) or {}
+    step = meta.get("step", ck.name.rpartition("-")[2].lstrip("0") or "0")
+    print(f"exported {ck} ({args.model or meta.get('model')}, step {step}) to {out}")
+    return 0
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser(
         "demo",
         help="the guided tour (what `make demo` runs)",
         description="Calibrate this machine, print the verdict for the small "
-        "model, train the chosen configuration, and compare every strategy.",
+        "model (or --model), train the chosen configuration, and compare every strategy.",
+    )
+    p.add_argument(
+        "--model",
+        default="small",
+        help="a preset (default small), hf:DIR or PACKAGE.MODULE:FUNCTION",
     )
     p.add_argument("--out-dir", default="plait-out/demo")
     p.add_argument("--workers", type=int, default=2)
@@ -148,7 +189,7 @@ def _add_demo(sub) -> None:
 def _cmd_demo(args) -> int:
     from plait.demo import run_demo
 
-    return run_demo(out_dir=args.out_dir, workers=args.workers, steps=args.steps)
+    return run_demo(out_dir=args.out_dir, workers=args.workers, steps=args.steps, model=args.model)
 
 
 def _add_compare(sub) -> None:
@@ -158,7 +199,11 @@ def _add_compare(sub) -> None:
         description="Run the same model with each strategy the worker count "
         "allows; print measured figures beside the planner's predictions.",
     )
-    p.add_argument("--model", default="small")
+    p.add_argument(
+        "--model",
+        default="small",
+        help="a preset (default small), hf:DIR or PACKAGE.MODULE:FUNCTION",
+    )
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--mode", default="train", choices=["train", "infer"])
     p.add_argument("--steps", type=int, default=8, help="training steps per strategy")
@@ -201,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     _add_train(sub)
+    _add_export(sub)
     _add_demo(sub)
     _add_compare(sub)
     add_infer_parser(sub)

@@ -6,6 +6,10 @@ one table with the measured figures and, beside each, what the planner predicted
 calibrated ``local`` hardware spec. It writes a PNG chart, each run's measured timeline (Chrome
 trace and Gantt PNG) and, with ``--json``, everything as one object.
 
+The model is any name :func:`plait.models.resolve_model` takes: a preset, ``hf:DIR`` or
+``PACKAGE.MODULE:FUNCTION`` (the planner's side needs a transformer's shape: a function's model
+without a Hugging Face or plait config is measured but not predicted).
+
 Example::
 
     report = compare(CompareConfig(model="small", workers=2, mode="train"))
@@ -16,12 +20,12 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from plait.config import ParallelConfig, resolve_schedule
 from plait.mesh_shape import MeshShape
-from plait.models import get_config
+from plait.models import resolve_model
 
 __all__ = ["CompareConfig", "CompareReport", "compare", "train_candidates", "infer_candidates"]
 
@@ -55,7 +59,7 @@ class CompareConfig:
         )
 
     def validate(self) -> None:
-        get_config(self.model)
+        source = resolve_model(self.model)  # raises naming the kinds of model names
         self.schedule = resolve_schedule(self.schedule)
         if self.mode not in ("train", "infer"):
             raise ValueError(f"--mode must be 'train' or 'infer', got {self.mode!r}")
@@ -67,6 +71,16 @@ class CompareConfig:
         if self.warmup < 0 or self.warmup >= self.steps:
             raise ValueError(
                 f"--warmup must be in 0..steps-1 ({self.steps - 1}), got {self.warmup}"
+            )
+        if self.mode == "infer" and not source.is_language_model:
+            raise ValueError(
+                f"--mode infer: {self.model!r} is not a language model (plait infer scores token "
+                "sequences)"
+            )
+        limit = source.max_seq_len if source.is_language_model else None
+        if limit is not None and self.seq_len > limit:
+            raise ValueError(
+                f"--seq-len {self.seq_len} exceeds model {self.model!r}'s max_seq_len={limit}"
             )
 
 
@@ -145,20 +159,41 @@ class CompareReport:
         return max(ok, key=lambda r: r.measured.get(key, 0.0), default=None)
 
 
-def train_candidates(model: str, workers: int, seq_len: int = 128) -> list[tuple[str, MeshShape]]:
-    """Every (dp, pp, tp) with ``dp * pp * tp == workers`` that the model can be split into."""
-    from plait.models import Transformer
+def _probe(model: str):
+    """``(the built model, its layer count)`` for deciding which splits exist: the layers from
+    the planner's spec, else from the pipeline layout, else 1 (no pipeline split)."""
+    source = resolve_model(model)
+    probe = source.build()
+    try:
+        layers = source.spec().layers
+    except ValueError:
+        from plait.models.layout import find_layout
+
+        try:
+            layers = len(find_layout(probe).blocks)
+        except (TypeError, ValueError):
+            layers = 1
+    return probe, layers
+
+
+def _tp_ok(probe, tp: int, seq_len: int | None = None) -> bool:
     from plait.tensor import validate as validate_tp
 
-    cfg = get_config(model)
-    probe = Transformer(cfg)
+    try:
+        validate_tp(probe, tp, seq_len=seq_len)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def train_candidates(model: str, workers: int, seq_len: int = 128) -> list[tuple[str, MeshShape]]:
+    """Every (dp, pp, tp) with ``dp * pp * tp == workers`` that the model can be split into."""
+    probe, layers = _probe(model)
     out = []
     for shape in MeshShape.factorisations(workers):
-        if shape.pp > cfg.n_layers:
+        if shape.pp > layers:
             continue
-        try:
-            validate_tp(probe, shape.tp, seq_len=seq_len)
-        except ValueError:
+        if not _tp_ok(probe, shape.tp, seq_len):
             continue
         out.append((_name(shape), shape))
     return sorted(out, key=lambda c: (-c[1].dp, -c[1].tp, c[1].pp))
@@ -168,7 +203,7 @@ def infer_candidates(model: str, workers: int) -> list[tuple[str, MeshShape]]:
     """Scoring strategies: single process, and task / pipeline / tensor and their mixes."""
     from plait.infer import parse_strategy
 
-    cfg = get_config(model)
+    probe, layers = _probe(model)
     names = ["single", "task", "pipeline", "tensor"]
     if workers >= 4:
         names += ["task,pipeline", "task,tensor", "pipeline,tensor"]
@@ -178,7 +213,7 @@ def infer_candidates(model: str, workers: int) -> list[tuple[str, MeshShape]]:
             shape = parse_strategy(name, 1 if name == "single" else workers)
         except ValueError:
             continue
-        if shape.pp > cfg.n_layers or cfg.n_heads % shape.tp:
+        if shape.pp > layers or not _tp_ok(probe, shape.tp):
             continue
         out.append((name, shape))
     return out
@@ -292,9 +327,9 @@ def _measure_infer(cfg: CompareConfig, shape: MeshShape, name: str, out: Path):
 
 
 def _spec(cfg: CompareConfig):
-    from plait.plan import get_model
-
-    return get_model(cfg.model, seq_len=cfg.seq_len)
+    """The planner's :class:`plait.plan.ModelSpec` of the model, at the measured sequence length
+    (ValueError for a model without a transformer's shape: then it is measured, not predicted)."""
+    return replace(resolve_model(cfg.model).spec(), seq_len=cfg.seq_len)
 
 
 def _predict_train(cfg: CompareConfig, shape: MeshShape, hw) -> dict:

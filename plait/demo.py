@@ -4,6 +4,9 @@ Within a few minutes on a 2-core CPU it: calibrates this machine (matmul rate, g
 point-to-point; cached), prints the planner's verdict for the ``small`` model on 2 workers here,
 trains the configuration the planner chose with a progress bar, runs ``plait compare`` on every
 strategy 2 workers allow, and names the folder with the pictures it drew.
+
+``model`` is any name :func:`plait.models.resolve_model` takes (``small`` by default; ``hf:DIR``
+for a Hugging Face directory), the same path ``plait train`` and ``plait compare`` use.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ def run_demo(
     seq_len: int = 128,
 ) -> int:
     from plait.compare import CompareConfig, compare
-    from plait.plan import explain, get_hardware, get_model, search
+    from plait.models import resolve_model
+    from plait.plan import explain, get_hardware, search
     from plait.train import TrainConfig, train
+
+    spec = replace(resolve_model(model).spec(), seq_len=seq_len)  # bad names fail at once
 
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -56,7 +62,7 @@ def run_demo(
         f"(global batch {batch_size} x {seq_len} tokens):"
     )
     res = search(
-        get_model(model, seq_len=seq_len),
+        spec,
         hw,
         gpus=workers,
         global_batch=batch_size,

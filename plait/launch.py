@@ -152,12 +152,38 @@ def launch(
         del store
 
 
+# What the forkserver imports once, so that workers forked from it start without importing it.
+_PRELOAD = ["torch", "torch.distributed", "plait", "plait.train.loop", "plait.pipeline.runtime"]
+
+
+def _preload() -> list[str]:
+    """The base preload, plus the Hugging Face model code this process has loaded: workers that
+    build the same model would otherwise each import it again (seconds per worker)."""
+    hf = sorted(
+        m
+        for m in sys.modules
+        if m == "transformers.modeling_utils"
+        or (m.startswith("transformers.models.") and ".modeling_" in m)
+    )
+    return _PRELOAD + hf
+
+
 def _context() -> mp.context.BaseContext:
     # forkserver: workers are forked from a clean server that has imported torch once, so they
     # start fast and never inherit a parent's OpenMP state (which can hang forked children).
     if sys.platform == "linux":
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["torch", "torch.distributed", "plait"])
+        want = _preload()
+        from multiprocessing import forkserver
+
+        server = forkserver._forkserver
+        running = getattr(server, "_forkserver_pid", None) is not None
+        have = set(getattr(server, "_preload_modules", None) or ())
+        if running and not set(want) <= have and hasattr(server, "_stop"):
+            # No worker of an earlier launch is alive here (launch waits for all of them), so
+            # the server can be restarted with the model code this job's workers need.
+            server._stop()
+        ctx.set_forkserver_preload(want)
         return ctx
     return mp.get_context("spawn")
 

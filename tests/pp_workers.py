@@ -234,3 +234,65 @@ def hf_pipeline(mesh_shape, directory: str, schedule: str, m: int, steps):
             for p in unique:
                 p -= LR * p.grad
     return {"losses": losses, "grads": grads}
+
+
+def _hf_clip_run(mesh, directory: str, steps: int, max_norm: float):
+    """AdamW steps with global-norm clipping of an HF model split over ``mesh`` (pp stages with
+    1F1B, each sharded over tp): per step the loss and the global norm, and whether every
+    replicated parameter is bit-identical across the tensor group at the end."""
+    import plait
+    from plait.models import resolve_model
+    from plait.tensor import is_tp_sharded, loss_fn, parallelize
+
+    source = resolve_model(f"hf:{directory}")
+    model = source.build(0).double()
+    pp, tp = mesh.size("pp"), mesh.size("tp")
+    sched = build_schedule("1f1b", pp, 2)
+    stages = partition(model, sched.num_stages)
+    mine = {s: stages[s] for s in sched.stages_of(mesh.pp_rank)}
+    for stage in mine.values():
+        parallelize(stage, mesh)
+    last = sched.num_stages - 1
+    loss = loss_fn(mine[last]) if last in mine else source.loss
+    rt = PipelineRuntime(mine, sched, mesh, loss)
+    params = [p for st in mine.values() for p in st.parameters()]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    norms, losses = [], []
+    for step in range(steps):
+        x, y = batch(4, 16, 100 + step)
+        opt.zero_grad(set_to_none=True)
+        losses.append(rt.train_step(x, y))
+        norms.append(float(plait.clip_grad_norm_(params, max_norm, mesh)))
+        opt.step()
+    same = True
+    group = mesh.group("tp")
+    for p in params:
+        if is_tp_sharded(p):
+            continue
+        copies = [torch.empty_like(p) for _ in range(tp)]
+        dist.all_gather(copies, p.detach().contiguous(), group=group)
+        same = same and all(torch.equal(c, copies[0]) for c in copies)
+    return {"norms": norms, "losses": losses, "replicated_identical": same}
+
+
+def hf_clip(mesh_shape, directory: str, steps: int, max_norm: float):
+    return _hf_clip_run(Mesh(*mesh_shape), directory, steps, max_norm)
+
+
+def hf_clip_reference(directory: str, steps: int, max_norm: float):
+    """The same AdamW steps in one process, clipped by torch.nn.utils.clip_grad_norm_."""
+    from plait.models import resolve_model
+
+    source = resolve_model(f"hf:{directory}")
+    model = source.build(0).double()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    norms, losses = [], []
+    for step in range(steps):
+        x, y = batch(4, 16, 100 + step)
+        opt.zero_grad(set_to_none=True)
+        loss = source.loss(model(x), y)
+        loss.backward()
+        losses.append(loss.item())
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
+        opt.step()
+    return {"norms": norms, "losses": losses}

@@ -68,5 +68,24 @@ def test_what_cannot_be_cut_is_refused_naming_what_was_looked_for():
             super().__init__()
             self.a = nn.Linear(2, 2)
 
-    with pytest.raises(TypeError, match=r"cannot cut Odd into pipeline stages: .*looked for"):
+    with pytest.raises(ValueError, match=r"cannot cut Odd into pipeline stages: .*looked for"):
         partition(Odd(), 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mesh", [(1, 1, 2), (1, 2, 1), (1, 2, 2)], ids=str)
+def test_clipping_counts_every_shard_once_and_replicas_stay_identical(tmp_path, mesh):
+    # plait.clip_grad_norm_ on a model split over tp and pp equals torch's global-norm clipping
+    # of the whole model, step after step (max_norm small enough to clip every step), and the
+    # replicated parameters (norms) stay bit-identical across the tensor group for 20 steps
+    d = hf_models.save("llama", tmp_path / "llama")
+    steps, max_norm = 20, 0.05
+    ref = pp_workers.hf_clip_reference(d, steps, max_norm)
+    assert min(ref["norms"]) > max_norm  # clipping is active on every step
+    world = mesh[0] * mesh[1] * mesh[2]
+    for rank in launch(pp_workers.hf_clip, world, mesh, d, steps, max_norm):
+        for a, b in zip(rank["norms"], ref["norms"]):
+            assert a == pytest.approx(b, rel=1e-9)
+        for a, b in zip(rank["losses"], ref["losses"]):
+            assert a == pytest.approx(b, rel=1e-9)
+        assert rank["replicated_identical"]

@@ -72,3 +72,42 @@ def test_the_command_line_trains_a_hugging_face_directory(family, single):
     )
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"loss {single[0]:.4f} -> {single[-1]:.4f}" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--model", "user_models:odd", "--pp", "2"], "cannot cut _Odd into pipeline stages"),
+        (["--tp", "4"], "tp=4 does not divide num_key_value_heads=2"),
+        (["--model", "hf:/nonexistent/dir"], "hf:/nonexistent/dir: no such directory"),
+    ],
+)
+def test_bad_input_is_one_line_before_workers_start(tmp_path, flags, message):
+    d = hf_models.save("llama", tmp_path / "llama", weights=False)
+    res = subprocess.run(
+        [sys.executable, "-m", "plait.cli", "train", "--model", f"hf:{d}", *flags],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2
+    lines = [line for line in res.stderr.splitlines() if line.startswith("plait train: error")]
+    assert len(lines) == 1 and message in lines[0], res.stderr[-1500:]
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_custom_loop_runs(tmp_path):
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = text.split("### Your own model", 1)[1].split("\n### ", 1)[0]
+    make, loop = re.findall(r"```python\n(.*?)```", section, re.S)
+    for name, code in (("make_llama.py", make), ("custom_loop.py", loop)):
+        (tmp_path / name).write_text(code)
+    for name in ("make_llama.py", "custom_loop.py"):
+        res = subprocess.run(
+            [sys.executable, name], cwd=tmp_path, capture_output=True, text=True, timeout=600
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+    assert 0 < float(res.stdout.strip().splitlines()[-1]) < 5.5  # it trained

@@ -94,7 +94,7 @@ def test_partition_errors_name_the_problem():
         partition(model, 2, balance=[1, 2])
     with pytest.raises(ValueError, match="balance must be 'layers', 'params', 'time'"):
         partition(model, 2, balance="flops")
-    with pytest.raises(TypeError, match="embed -> blocks"):
+    with pytest.raises(ValueError, match="embed -> blocks"):
         partition(torch.nn.Linear(2, 2), 2)
 
 

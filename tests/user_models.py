@@ -63,3 +63,19 @@ def cnn() -> UserModel:
         nn.Linear(16 * 8 * 8, CNN_CLASSES),
     )
     return UserModel(net, loss=F.cross_entropy, batch=_cnn_batch)
+
+
+class _Odd(nn.Module):
+    """A model of no shape the partitioner knows (two parallel branches, summed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.left = nn.Linear(MLP_IN, MLP_CLASSES)
+        self.right = nn.Linear(MLP_IN, MLP_CLASSES)
+
+    def forward(self, x):
+        return self.left(x) + self.right(x)
+
+
+def odd() -> UserModel:
+    return UserModel(_Odd(), loss=F.cross_entropy, batch=_mlp_batch)

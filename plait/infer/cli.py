@@ -23,7 +23,19 @@ def add_infer_parser(subparsers) -> argparse.ArgumentParser:
         "chosen strategy; every strategy gives the same losses. Prints throughput and "
         "per-request latency percentiles as one JSON line.",
     )
-    p.add_argument("--model", default="tiny", help="model preset (tiny, small)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a preset (tiny, small), hf:DIR (a Hugging Face model directory) or "
+        "PACKAGE.MODULE:FUNCTION; default tiny, or with --checkpoint the model it records",
+    )
+    p.add_argument(
+        "--checkpoint",
+        default=None,
+        metavar="DIR",
+        help="score a trained model: load its parameters from this training checkpoint "
+        "(step-N/, or a --checkpoint-dir root: its newest complete one), saved at any mesh",
+    )
     p.add_argument(
         "--data", default=None, help="a text file; default: the Python standard library's source"
     )
@@ -56,7 +68,8 @@ def _cmd_infer(args) -> int:
 
     report = infer(
         InferConfig(
-            model=args.model,
+            model=args.model if args.model or args.checkpoint else "tiny",
+            checkpoint=args.checkpoint,
             data=args.data,
             strategy=args.strategy,
             workers=args.workers,
@@ -74,7 +87,8 @@ def _cmd_infer(args) -> int:
     s = report.summary()
     print(
         f"{s['strategy']} (dp={s['mesh']['dp']} pp={s['mesh']['pp']} tp={s['mesh']['tp']}): "
-        f"{s['sequences']} sequences in {s['seconds']:.2f} s = {s['sequences_per_s']:.1f} seq/s; "
+        f"{s['sequences']} sequences, mean loss {s['mean_loss']:.4f}, in {s['seconds']:.2f} s = "
+        f"{s['sequences_per_s']:.1f} seq/s; "
         f"latency per request p50 {s['latency_p50_ms']:.1f} ms, p90 {s['latency_p90_ms']:.1f} ms, "
         f"p99 {s['latency_p99_ms']:.1f} ms"
     )

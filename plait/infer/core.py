@@ -1,9 +1,11 @@
 """What every inference strategy shares: the config, the requests, scoring, and the report.
 
-The work is fixed by the input, not by the strategy: the consecutive ``seq_len + 1``-byte windows
-of ``data`` (:meth:`plait.ByteDataset.sequences`), grouped into requests of ``batch_size``
-sequences. Each sequence's score is its mean next-token cross-entropy under the reference
-transformer built from ``seed``, so every strategy must produce the same numbers.
+The work is fixed by the input, not by the strategy: the consecutive ``seq_len + 1``-token windows
+of ``data`` under the model's tokenizer (:func:`plait.data.dataset_for`, then ``.sequences``),
+grouped into requests of ``batch_size`` sequences. Each sequence's score is its mean next-token
+loss (the model's own, :meth:`plait.models.ModelSource.loss`) under the model named by ``model``
+-- a preset, ``hf:DIR`` or ``PACKAGE.MODULE:FUNCTION`` -- built from ``seed``, or with its
+parameters loaded from a training ``checkpoint``; so every strategy must produce the same numbers.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from plait.alloc import peak_rss_mb
-from plait.data import ByteDataset
+from plait.data import dataset_for
 from plait.mesh_shape import MeshShape
-from plait.models import Transformer, get_config
+from plait.models.source import next_token_loss, resolve_model
 
 __all__ = [
     "InferConfig",
@@ -28,10 +31,13 @@ __all__ = [
     "parse_strategy",
     "load_requests",
     "build_model",
+    "probe_model",
+    "loss_for",
     "score_batch",
     "score_batch_rss",
     "peak_rss_mb",
     "percentile",
+    "logits_of",
 ]
 
 STRATEGIES = ("single", "task", "pipeline", "tensor")
@@ -41,13 +47,19 @@ STRATEGIES = ("single", "task", "pipeline", "tensor")
 class InferConfig:
     """One inference run.
 
+    ``model`` is any name :func:`plait.models.resolve_model` takes; ``checkpoint`` a training
+    checkpoint (``step-N/`` or a ``--checkpoint-dir`` root: its newest complete one) whose full
+    tensors replace the model's parameters before any strategy shards it. With a checkpoint,
+    ``model=None`` means the model the checkpoint records; without one, ``tiny``.
+
     Example::
 
         report = infer(InferConfig(model="tiny", data="notes.txt", strategy="task", workers=2))
         report.losses[0], report.throughput
+        infer(InferConfig(model="hf:./llama", checkpoint="ck", strategy="pipeline", workers=2))
     """
 
-    model: str = "tiny"
+    model: str | None = "tiny"
     data: str | None = None
     strategy: str = "single"
     workers: int = 1
@@ -60,10 +72,30 @@ class InferConfig:
     tp: int | None = None  # tensor group size when composed; default from workers
     out: str | None = None
     progress: bool = True
+    checkpoint: str | None = None
+
+    def source(self):
+        """The model (:class:`plait.models.ModelSource`): ``model``, or the one the checkpoint
+        records when ``model`` is None."""
+        if self.model is None:
+            if self.checkpoint is None:
+                return resolve_model("tiny")
+            from plait.train.export import checkpoint_source
+
+            return checkpoint_source(self.checkpoint)[1]
+        return resolve_model(self.model)
+
+    def n_layers(self) -> int | None:
+        """The layer count to build: the checkpoint's, else the model's own (None)."""
+        if self.checkpoint is None:
+            return None
+        from plait.train.export import checkpoint_source
+
+        return checkpoint_source(self.checkpoint, self.model)[2]
 
     def validate(self) -> MeshShape:
         """Check every field before any process starts; return the (dp, pp, tp) shape."""
-        cfg = get_config(self.model)  # raises naming the presets
+        source = self.source()  # raises naming the kinds of model names
         for name in ("workers", "seq_len", "batch_size", "threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -72,12 +104,41 @@ class InferConfig:
             raise ValueError(
                 f"--limit must be >= 1 (or omitted for every sequence), got {self.limit}"
             )
-        if self.seq_len > cfg.max_seq_len:
+        if not source.is_language_model:
             raise ValueError(
-                f"--seq-len {self.seq_len} exceeds model {self.model!r}'s "
-                f"max_seq_len={cfg.max_seq_len}"
+                f"--model {source.name!r} is not a language model: plait infer scores token "
+                "sequences (its mean next-token loss)"
             )
-        return parse_strategy(self.strategy, self.workers, self.stages, self.tp)
+        limit = source.max_seq_len
+        if limit is not None and self.seq_len > limit:
+            raise ValueError(
+                f"--seq-len {self.seq_len} exceeds model {source.name!r}'s max_seq_len={limit}"
+            )
+        shape = parse_strategy(self.strategy, self.workers, self.stages, self.tp)
+        if self.checkpoint is not None or shape.pp > 1 or shape.tp > 1:
+            self._check_model(source, shape)
+        return shape
+
+    def _check_model(self, source, shape: MeshShape) -> None:
+        """The checkpoint's tensors against the model, and the split, on a probe of the model
+        (the meta device for Hugging Face models: shapes only)."""
+        probe = probe_model(self, source)
+        if self.checkpoint is not None:
+            from plait.train.checkpoint import find_checkpoint
+            from plait.train.export import check_params
+
+            check_params(probe, find_checkpoint(self.checkpoint), f"model {source.name!r}")
+        try:
+            if shape.pp > 1:
+                from plait.pipeline import partition
+
+                partition(probe, shape.pp)  # too many stages for the layers fails here
+            if shape.tp > 1:
+                from plait.tensor.parallelize import validate
+
+                validate(probe, shape.tp)  # bad sizes fail here
+        except TypeError as e:  # a model the partitioner or the tensor plans do not know
+            raise ValueError(str(e).splitlines()[0]) from None
 
 
 def parse_strategy(
@@ -128,39 +189,86 @@ def parse_strategy(
 
 
 def load_requests(cfg: InferConfig) -> list[torch.Tensor]:
-    """The input's sequences, ``(n, seq_len + 1)``, split into requests of ``batch_size``."""
-    sequences = ByteDataset.from_path(cfg.data).sequences(cfg.seq_len, cfg.limit)
+    """The input's sequences, ``(n, seq_len + 1)`` ids under the model's tokenizer, split into
+    requests of ``batch_size``."""
+    data = dataset_for(cfg.source(), cfg.data, seed=cfg.seed, seq_len=cfg.seq_len)
+    sequences = data.sequences(cfg.seq_len, cfg.limit)
     if len(sequences) == 0:
         raise ValueError(
-            f"--data {cfg.data!r} is shorter than one sequence of {cfg.seq_len + 1} bytes"
+            f"--data {cfg.data!r} is shorter than one sequence of {cfg.seq_len + 1} {data.unit}"
         )
     return list(torch.split(sequences, cfg.batch_size))
 
 
-def build_model(cfg: InferConfig) -> Transformer:
-    """The whole model, identical on every worker (same seed), in eval mode."""
-    return Transformer(get_config(cfg.model), seed=cfg.seed).eval()
+def _serving(model: nn.Module) -> nn.Module:
+    """Eval mode; a Hugging Face model keeps no key/value cache (each request is scored once)."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(cfg, "use_cache"):
+        cfg.use_cache = False
+    return model.eval()
 
 
-def per_sequence_losses(logits: torch.Tensor, targets: torch.Tensor) -> list[float]:
-    """Mean next-token loss of each row, by the model's own loss function."""
-    return [
-        Transformer.loss(logits[i : i + 1], targets[i : i + 1]).item() for i in range(len(targets))
-    ]
+def build_model(cfg: InferConfig) -> nn.Module:
+    """The whole model, identical on every worker (same seed, or the checkpoint's parameters),
+    in eval mode."""
+    if cfg.checkpoint is not None:
+        from plait.train.export import model_from_checkpoint
+
+        model, _, _ = model_from_checkpoint(cfg.checkpoint, cfg.model, seed=cfg.seed)
+        return _serving(model)
+    return _serving(cfg.source().build(cfg.seed))
+
+
+def probe_model(cfg: InferConfig, source=None) -> nn.Module:
+    """The model's structure for checks before any process starts: a Hugging Face model on the
+    meta device (no memory, no weights read), anything else built as usual."""
+    source = source if source is not None else cfg.source()
+    n_layers = cfg.n_layers()
+    if source.kind == "hf":
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(source.hf_config(n_layers))
+    return source.build(cfg.seed, n_layers)
+
+
+def loss_for(module: nn.Module, source):
+    """The loss for ``module``'s output: the vocabulary-parallel cross-entropy when its output
+    layer is sharded over a tensor group, else the model's own (:meth:`ModelSource.loss`)."""
+    from plait.tensor import loss_fn, vocab_head
+
+    if vocab_head(module) is not None:
+        return loss_fn(module)
+    return source.loss if source is not None else next_token_loss
+
+
+def logits_of(out):
+    """The logits of a model's output: a tensor, a Hugging Face output's ``.logits``, or a
+    tuple's first item."""
+    out = getattr(out, "logits", out)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def per_sequence_losses(logits, targets: torch.Tensor, loss=None) -> list[float]:
+    """Mean next-token loss of each row, by the model's own loss function (``loss``; default
+    mean next-token cross-entropy)."""
+    loss = loss if loss is not None else next_token_loss
+    logits = logits_of(logits)
+    return [loss(logits[i : i + 1], targets[i : i + 1]).item() for i in range(len(targets))]
 
 
 @torch.no_grad()
-def score_batch(model: Transformer, batch: torch.Tensor) -> tuple[list[float], float]:
+def score_batch(model: nn.Module, batch: torch.Tensor, loss=None) -> tuple[list[float], float]:
     """``(per-sequence losses, seconds)`` for one request of shape ``(B, seq_len + 1)``."""
     t0 = time.perf_counter()
     logits = model(batch[:, :-1])
-    losses = per_sequence_losses(logits, batch[:, 1:])
+    losses = per_sequence_losses(logits, batch[:, 1:], loss)
     return losses, time.perf_counter() - t0
 
 
-def score_batch_rss(model: Transformer, batch: torch.Tensor) -> tuple[list[float], float, float]:
+def score_batch_rss(model: nn.Module, batch: torch.Tensor, loss=None):
     """:func:`score_batch` plus the worker's peak memory after it (for per-worker reports)."""
-    losses, seconds = score_batch(model, batch)
+    losses, seconds = score_batch(model, batch, loss)
     return losses, seconds, peak_rss_mb()
 
 
@@ -199,6 +307,7 @@ class InferReport:
             "strategy": self.strategy,
             "mesh": {"dp": s.dp, "pp": s.pp, "tp": s.tp},
             "sequences": len(self.losses),
+            "mean_loss": round(sum(self.losses) / len(self.losses), 6) if self.losses else None,
             "requests": len(self.latencies),
             "seconds": round(self.seconds, 4),
             "sequences_per_s": round(self.throughput, 2),

@@ -12,6 +12,7 @@ from plait.infer.core import (
     InferConfig,
     InferReport,
     build_model,
+    loss_for,
     peak_rss_mb,
     score_batch,
     score_batch_rss,
@@ -28,10 +29,11 @@ def run_single(cfg: InferConfig, requests: list[torch.Tensor]) -> InferReport:
     try:
         t0 = time.perf_counter()
         model = build_model(cfg)
+        loss = loss_for(model, cfg.source())
         losses, latencies = [], []
         with progress_bar(len(requests), "infer single", cfg.progress) as update:
             for batch in requests:
-                batch_losses, seconds = score_batch(model, batch)
+                batch_losses, seconds = score_batch(model, batch, loss)
                 losses += batch_losses
                 latencies.append(seconds)
                 update()
@@ -48,15 +50,21 @@ def run_single(cfg: InferConfig, requests: list[torch.Tensor]) -> InferReport:
         torch.set_num_threads(threads)
 
 
-def _replica(cfg: InferConfig):  # setup: one whole model per worker, built once
-    return build_model(cfg)
+def _replica(cfg: InferConfig):  # setup: one whole model (and its loss) per worker, built once
+    model = build_model(cfg)
+    return model, loss_for(model, cfg.source())
+
+
+def _score(replica, batch: torch.Tensor):
+    model, loss = replica
+    return score_batch_rss(model, batch, loss)
 
 
 def run_task(cfg: InferConfig, requests: list[torch.Tensor]) -> InferReport:
     """N whole replicas; a free replica takes the next request (plait.tasks.map)."""
     t0 = time.perf_counter()
     results = tasks.map(
-        score_batch_rss,
+        _score,
         requests,
         workers=cfg.workers,
         setup=partial(_replica, cfg),

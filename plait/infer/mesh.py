@@ -1,7 +1,7 @@
 """The ``pipeline`` and ``tensor`` strategies, alone or mixed with ``task``, on a plait.Mesh.
 
 One :func:`plait.launch` job of ``dp * pp * tp`` workers. Every worker builds the same whole
-model from the seed, then keeps its part: :func:`plait.tensor.parallelize` shards it over the
+model from the seed (or fills it from the checkpoint), then keeps its part: :func:`plait.tensor.parallelize` shards it over the
 ``tp`` group, and a forward-only pipeline keeps this rank's stage. The ``dp`` replicas (each a
 pipeline and/or tensor group) take requests ``dp_rank, dp_rank + dp, ...``: a static split, since
 a group of processes cannot take work from a pool one request at a time the way a single
@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from plait.infer.core import InferConfig, InferReport, build_model, peak_rss_mb
+from plait.infer.core import InferConfig, InferReport, build_model, logits_of, loss_for, peak_rss_mb
 from plait.launch import launch
 from plait.mesh import Mesh, MeshShape
 
@@ -26,14 +26,8 @@ __all__ = ["run_mesh"]
 
 def run_mesh(cfg: InferConfig, shape: MeshShape, requests: list[torch.Tensor]) -> InferReport:
     _check_available(shape)
-    if shape.pp > 1:
-        from plait.pipeline import partition
-
-        partition(build_model(cfg), shape.pp)  # too many stages for the layers fails here
-    if shape.tp > 1:
-        from plait.tensor.parallelize import validate
-
-        validate(build_model(cfg), shape.tp)  # bad sizes fail here, before any process starts
+    # The split (stages, tensor sizes) and the checkpoint were checked by cfg.validate(), on a
+    # probe of the model, before any process starts.
     t0 = time.perf_counter()
     per_rank = launch(
         _worker, shape.world_size, cfg, shape, requests, threads_per_worker=cfg.threads
@@ -62,24 +56,25 @@ def _worker(cfg: InferConfig, shape: MeshShape, requests: list[torch.Tensor]):
     mesh = Mesh(shape.dp, shape.pp, shape.tp)
     mine = list(range(mesh.dp_rank, len(requests), shape.dp))
     model = build_model(cfg)
+    source = cfg.source()
     if shape.pp > 1:
-        done = _pipeline_replica(cfg, mesh, model, requests, mine)
+        done = _pipeline_replica(cfg, mesh, model, requests, mine, source)
     else:
-        done = _tensor_replica(mesh, model, requests, mine)
+        done = _tensor_replica(mesh, model, requests, mine, source)
     return done, peak_rss_mb()
 
 
 @torch.no_grad()
-def _tensor_replica(mesh: Mesh, model, requests, mine):
-    from plait.tensor import loss_fn, parallelize
+def _tensor_replica(mesh: Mesh, model, requests, mine, source=None):
+    from plait.tensor import parallelize
 
     model = parallelize(model, mesh)  # a tp group of one leaves the model whole
-    loss = loss_fn(model)  # vocabulary-parallel cross-entropy on sharded logits
+    loss = loss_for(model, source)  # vocabulary-parallel cross-entropy on sharded logits
     out = []
     for r in mine:
         batch = requests[r]
         t0 = time.perf_counter()
-        logits = model(batch[:, :-1])
+        logits = logits_of(model(batch[:, :-1]))
         y = batch[:, 1:]
         # Each row's loss is a collective over the tp group: every rank computes it.
         losses = [loss(logits[i : i + 1], y[i : i + 1]).item() for i in range(len(batch))]
@@ -103,13 +98,13 @@ def _waves(mine: list[int], requests: list[torch.Tensor]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _pipeline_replica(cfg: InferConfig, mesh: Mesh, model, requests, mine):
+def _pipeline_replica(cfg: InferConfig, mesh: Mesh, model, requests, mine, source=None):
     from plait.pipeline import PipelineRuntime, build_schedule, partition
-    from plait.tensor import loss_fn, parallelize
+    from plait.tensor import parallelize
 
     pp = mesh.size("pp")
     stage = parallelize(partition(model, pp)[mesh.pp_rank], mesh)  # this rank's stage, tp-sharded
-    loss = loss_fn(stage)
+    loss = loss_for(stage, source)
     out = []
     for wave in _waves(mine, requests):
         batch = torch.cat([requests[r] for r in wave])
@@ -124,6 +119,7 @@ def _pipeline_replica(cfg: InferConfig, mesh: Mesh, model, requests, mine):
         if not mesh.is_last_stage:
             continue
         y = batch[:, 1:]
+        logits = logits_of(logits)
         losses = [loss(logits[i : i + 1], y[i : i + 1]).item() for i in range(len(batch))]
         # A request's latency: its first stage's forward start to its last stage's forward end.
         starts = {e.microbatch: e.start for e in timeline.events if e.kind == "F" and e.stage == 0}

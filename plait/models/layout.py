@@ -377,7 +377,7 @@ def _find_base(model: nn.Module) -> tuple[str, nn.Module | None, str]:
 
 
 def find_layout(model: nn.Module) -> Layout:
-    """The layout of ``model``, or TypeError saying what was looked for.
+    """The layout of ``model``, or ValueError saying what was looked for.
 
     Example::
 
@@ -392,7 +392,7 @@ def find_layout(model: nn.Module) -> Layout:
     try:
         return DecoderLayout(model)
     except ValueError as exc:
-        raise TypeError(
+        raise ValueError(
             f"cannot cut {type(model).__name__} into pipeline stages: the partitioner looked for "
             f"plait's embed -> blocks -> head, an nn.Sequential, or a Hugging Face causal LM "
             f"({exc}); pass layout= to plait.pipeline.partition for another shape"

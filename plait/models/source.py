@@ -31,6 +31,7 @@ Example::
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
 import re
@@ -209,6 +210,9 @@ class ModelSource:
             return Transformer(self._preset_config(n_layers), seed=seed)
         if self.kind == "hf":
             from transformers import AutoModelForCausalLM
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # one bar per worker and load is noise here
 
             config = self.hf_config(n_layers)
             with torch.random.fork_rng(devices=[]):
@@ -501,6 +505,11 @@ def resolve_model(name: str, **overrides) -> ModelSource:
             raise ValueError(f"{name}: its config.json is not readable: {_one_line(e)}") from e
         if not isinstance(data, dict):
             raise ValueError(f"{name}: its config.json is not a JSON object")
+        if importlib.util.find_spec("transformers") is None:
+            raise ValueError(
+                f"{name}: Hugging Face models need transformers, which is not installed; "
+                "pip install 'plait[hf]'"
+            )
         return ModelSource(name, "hf", path=str(p.resolve()), overrides=over)
     if name in PRESETS:
         try:

@@ -62,8 +62,8 @@ def partition(
         ``num_stages`` stages; stage 0 holds the embeddings, the last the head.
 
     Raises:
-        ValueError: a stage would be empty, or the split is impossible; names the numbers.
-        TypeError: the model has no layout the partitioner knows; says what it looked for.
+        ValueError: a stage would be empty, the split is impossible (names the numbers), or
+            the model has no layout the partitioner knows (says what it looked for).
 
     Example::
 

@@ -220,7 +220,7 @@ def _cmd_plan(args) -> int:
         print(json.dumps(out, indent=1))
         return 0
     print(
-        f"{model.name} ({model.num_parameters() / 1e9:.2f}B parameters) on {args.gpus} x {hw.name}, "
+        f"{model.name} ({_count(model.num_parameters())} parameters) on {args.gpus} x {hw.name}, "
         f"global batch {args.global_batch} x {seq} tokens; {res.considered} configurations costed, "
         f"{res.rejected_memory} did not fit"
     )
@@ -309,3 +309,11 @@ def _cmd_simulate(args) -> int:
             f"peak micro-batches in flight per rank {[round(x, 2) for x in res.peak_in_flight]}"
         )
     return 0
+
+
+def _count(n: int) -> str:
+    """``8.03B``, ``124M``, ``85.3K``: a parameter count a reader can take in."""
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.4g}{unit}"
+    return str(n)

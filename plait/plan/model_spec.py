@@ -362,32 +362,20 @@ def from_hf_config(config_or_dir, name: str | None = None) -> ModelSpec:
     max_pos = get("max_position_embeddings", "n_positions")
     gpt = mtype in _GPT_LIKE
     tied = bool(get("tie_word_embeddings", default=True))
+    shape = (name or mtype or "hf", layers, hidden, heads, ffn, vocab)
+    common = dict(kv_heads=kv, seq_len=min(max_pos or 2048, _PLAN_SEQ_CAP), tied_embeddings=tied)
     if gpt:
         return ModelSpec(
-            name or mtype or "hf",
-            layers,
-            hidden,
-            heads,
-            ffn,
-            vocab,
-            kv_heads=kv,
-            seq_len=min(max_pos or 2048, _PLAN_SEQ_CAP),
-            tied_embeddings=tied,
+            *shape,
+            **common,
             pos_embedding=(max_pos or 0) if mtype in _LEARNED_POSITIONS else 0,
         )
     attention_bias = bool(get("attention_bias", default=False))
     return ModelSpec(
-        name or mtype or "hf",
-        layers,
-        hidden,
-        heads,
-        ffn,
-        vocab,
-        kv_heads=kv,
-        seq_len=min(max_pos or 2048, _PLAN_SEQ_CAP),
+        *shape,
+        **common,
         gated_mlp=True,
         bias=False,
-        tied_embeddings=tied,
         qkv_bias=attention_bias or mtype in _QKV_BIAS_ONLY,
         out_bias=attention_bias,
         mlp_bias=bool(get("mlp_bias", default=False)),

@@ -12,10 +12,16 @@ shape.
 Atomicity: a checkpoint is written into ``step-NNNNNNNN.partial/`` and renamed to
 ``step-NNNNNNNN/`` only after every rank has finished and the metadata is on disk. Directories
 that are still ``.partial`` (a crash mid-save) are never loaded.
+
+Which model a checkpoint holds is recorded beside its tensors in ``plait.json`` (the model's
+name as given, with ``hf:`` paths made absolute, its layer count, dtype and the mesh it was saved
+at), written by rank 0 before the rename, so a complete checkpoint always has it
+(:func:`checkpoint_meta`; checkpoints of older versions have none).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -31,6 +37,11 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
+    "find_checkpoint",
+    "checkpoint_meta",
+    "checkpoint_keys",
+    "checkpoint_tensors",
+    "META_FILE",
     "shard_dim",
     "gather_full",
     "take_shard",
@@ -39,6 +50,7 @@ __all__ = [
 ]
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
+META_FILE = "plait.json"
 
 
 def _dist() -> bool:
@@ -96,11 +108,60 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(directory: str | os.PathLike, step: int, state: dict, keep: int = 3) -> Path:
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """The complete checkpoint ``path`` names: a ``step-N`` directory itself, or the newest
+    complete one inside a ``--checkpoint-dir`` root. FileNotFoundError (one line) otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r}: no such directory")
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} is not a directory")
+    if (p / ".metadata").is_file() and not p.name.endswith(".partial"):
+        return p
+    found = latest_checkpoint(p)
+    if found is None:
+        partial = p.name.endswith(".partial") or any(
+            q.name.endswith(".partial") for q in p.iterdir() if q.is_dir()
+        )
+        raise FileNotFoundError(
+            f"{str(path)!r} holds no complete checkpoint (a step-NNNNNNNN/ directory with "
+            "torch.distributed.checkpoint's .metadata"
+            + ("; .partial ones are saves that did not finish" if partial else "")
+            + ")"
+        )
+    return found
+
+
+def checkpoint_meta(path: str | os.PathLike) -> dict | None:
+    """What a checkpoint records about its model (``plait.json``), or None for checkpoints
+    written before plait recorded it.
+
+    Example::
+
+        checkpoint_meta("ck/step-00000050")
+        # {'model': 'hf:/abs/llama', 'kind': 'hf', 'n_layers': 4, 'dtype': 'fp32',
+        #  'mesh': {'dp': 1, 'pp': 2, 'tp': 2}, 'step': 50, ...}
+    """
+    f = Path(path) / META_FILE
+    if not f.is_file():
+        return None
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: not readable JSON ({type(e).__name__})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{f}: not a JSON object")
+    return data
+
+
+def save_checkpoint(
+    directory: str | os.PathLike, step: int, state: dict, keep: int = 3, meta: dict | None = None
+) -> Path:
     """Save ``state`` (full tensors, plain values) as ``directory/step-<step>`` on every rank.
 
     Collective: every rank calls it with its own part of the state; keys held by several ranks
-    must hold identical values (they are written once).
+    must hold identical values (they are written once). ``meta`` (rank 0's) is written as
+    ``plait.json`` inside the checkpoint before the rename that completes it.
     """
     root = Path(directory)
     final = root / f"step-{step:08d}"
@@ -117,6 +178,11 @@ def save_checkpoint(directory: str | os.PathLike, step: int, state: dict, keep: 
     if _dist():
         dist.barrier()  # every rank's files are on disk before the rename makes them visible
     if rank0:
+        if meta is not None:
+            with open(partial / META_FILE, "w") as f:
+                json.dump({**meta, "step": step}, f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
         _fsync_dir(partial)
         if final.exists():
             shutil.rmtree(final)
@@ -144,11 +210,22 @@ def load_checkpoint(path: str | os.PathLike, state: dict) -> dict:
 
 def checkpoint_keys(path: str | os.PathLike) -> dict[str, tuple[int, ...] | None]:
     """Keys stored in a checkpoint and their tensor shapes (None for plain values)."""
+    return {k: (v[0] if v else None) for k, v in checkpoint_tensors(path).items()}
+
+
+def checkpoint_tensors(
+    path: str | os.PathLike,
+) -> dict[str, tuple[tuple[int, ...], torch.dtype] | None]:
+    """Keys stored in a checkpoint and their tensors' ``(shape, dtype)`` (None for plain
+    values)."""
     reader = dcp.FileSystemReader(str(path))
     meta = reader.read_metadata()
     out = {}
     for key, md in meta.state_dict_metadata.items():
-        out[key] = tuple(md.size) if hasattr(md, "size") else None
+        if hasattr(md, "size"):
+            out[key] = (tuple(md.size), md.properties.dtype)
+        else:
+            out[key] = None
     return out
 
 
@@ -176,11 +253,12 @@ def _fsync_dir(path: Path) -> None:
 _OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def save_state(directory, step, params, full_shapes, opt, mesh, owns) -> None:
+def save_state(directory, step, params, full_shapes, opt, mesh, owns, meta=None) -> None:
     """Every rank adds its stage's tensors, gathered over tp; optimizer state from its owner.
 
     The step is the data position (batches are a function of seed and step); each rank's RNG
-    state is kept under its rank, for a resume on the same world size.
+    state is kept under its rank, for a resume on the same world size. ``meta`` is what the
+    checkpoint records about its model (``plait.json``, see :func:`save_checkpoint`).
     """
     group = mesh.group("tp")
     state: dict = {"step": step, f"rng.rank{mesh.rank}": torch.get_rng_state()}
@@ -192,7 +270,7 @@ def save_state(directory, step, params, full_shapes, opt, mesh, owns) -> None:
                 state[f"optim.{name}.{key}"] = gather_full(st[key], full_shapes[name], group)
         if "step" in st:
             state[f"optim.{name}.step"] = st["step"].detach().clone()
-    save_checkpoint(directory, step, state)
+    save_checkpoint(directory, step, state, meta=meta)
 
 
 def load_state(path, params, full_shapes, opt, mesh, owns) -> int:

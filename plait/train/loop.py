@@ -2,12 +2,14 @@
 
 ``train(TrainConfig(...))`` runs on one process when ``dp * pp * tp == 1`` and otherwise launches
 that many local workers (or joins a torchrun job). Every rank runs :func:`run_rank`: it builds the
-full reference model from the seed (or loads it from a checkpoint), keeps and shards its own part
-(:mod:`plait.train.parts`), and then for each step
+full model from its source (:func:`plait.models.resolve_model`: a preset from the seed, a Hugging
+Face directory's weights, a user's function), loads a checkpoint when resuming, keeps and shards
+its own part (:mod:`plait.train.parts`), and then for each step
 
 1. takes its data-parallel slice of the global batch (batches depend only on seed and step),
 2. runs forward and backward over the micro-batches (a pipeline schedule when ``pp > 1``),
-3. averages gradients over the dp group (bucketed, overlapped with backward),
+3. averages gradients over the dp group (bucketed, overlapped with backward), and sums a tied
+   embedding's gradients over the two pipeline ranks that hold it,
 4. clips by the global norm over all shards, and steps AdamW with a warmup + cosine schedule.
 
 Rank 0 writes the metrics (one JSON line per step), checkpoints are saved collectively, and the
@@ -36,7 +38,7 @@ from plait.train.metrics import busy, gather_record, mean_over, open_metrics, wr
 from plait.train.parts import build_local
 from plait.train.zero import ZeroAdamW
 
-__all__ = ["train", "run_rank"]
+__all__ = ["train", "run_rank", "checkpoint_record"]
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 
@@ -48,6 +50,24 @@ def train(cfg: TrainConfig) -> list[dict]:
         return run_rank(cfg)
     results = launch(run_rank, cfg.world_size, cfg, timeout=cfg.timeout)
     return results[0]
+
+
+def checkpoint_record(cfg: TrainConfig, source) -> dict:
+    """What a checkpoint of this run records about its model (``plait.json``): the name as given
+    (an ``hf:`` path made absolute), the layer count it was built with, dtype, mesh and seed --
+    enough for ``plait export`` and ``plait infer --checkpoint`` to rebuild it."""
+    pc = cfg.parallel
+    name = f"hf:{source.path}" if source.kind == "hf" else source.name
+    n_layers = cfg.n_layers if cfg.n_layers is not None else source.n_layers
+    return {
+        "format": 1,
+        "model": name,
+        "kind": source.kind,
+        "n_layers": n_layers,
+        "dtype": pc.dtype,
+        "mesh": {"dp": pc.dp, "pp": pc.pp, "tp": pc.tp},
+        "seed": cfg.seed,
+    }
 
 
 def run_rank(cfg: TrainConfig) -> list[dict] | None:
@@ -77,6 +97,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
         primary.setdefault(id(p), name)
         unique.setdefault(primary[id(p)], p)
     uses = {i: sum(1 for p in params.values() if id(p) == i) for i in primary}
+    meta = checkpoint_record(cfg, source)
     if cfg.zero1:
         opt = ZeroAdamW(unique, mesh.group("dp"), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -104,6 +125,8 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
         ) as update:
             for step in range(start_step, cfg.steps):
                 x, y = data.batch(step, cfg.batch_size, cfg.seq_len)
+                if x.is_floating_point():  # a user model's own inputs, in the training dtype
+                    x = x.to(dtype)
                 rows = slice(mesh.dp_rank * local_batch, (mesh.dp_rank + 1) * local_batch)
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, step)
@@ -159,7 +182,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                     and cfg.checkpoint_every
                     and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
                 ):
-                    save_state(cfg.checkpoint_dir, done, params, full_shapes, opt, mesh, owns)
+                    save_state(cfg.checkpoint_dir, done, params, full_shapes, opt, mesh, owns, meta)
     finally:
         if out:
             out.close()

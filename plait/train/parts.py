@@ -1,12 +1,14 @@
 """What one rank trains: its part of the model on the mesh, and how it runs a step.
 
-:func:`build_local` takes the full reference model (built from the seed, identical on every rank)
+:func:`build_local` takes the full model (built from its source, identical on every rank)
 and returns a :class:`LocalModel`: the parameters this rank owns, keyed by their names in the full
 model (checkpoints and clipping use these), and ``step(x, y)``, which runs forward and backward
 over the micro-batches of this replica's batch and returns its mean loss.
 
 - ``pp == 1``: the whole model, with gradient accumulation over the micro-batches.
-- ``pp > 1``: the model cut into ``pp * virtual`` stages (:func:`plait.pipeline.partition`); this
+- ``pp > 1``: the model cut into ``pp * virtual`` stages by its layout
+  (:func:`plait.pipeline.partition`: the reference model, a Hugging Face decoder or an
+  ``nn.Sequential``); this
   rank keeps the stages the schedule places on it and runs them with
   :class:`plait.pipeline.PipelineRuntime`.
 - ``tp > 1``: whatever this rank keeps is sharded over its tensor group
