@@ -72,6 +72,7 @@ def test_llama_plan_gathers_the_logits_for_the_models_own_forward():
         assert r["q_proj_rows"] == 32 // tp
         assert r["logits"] <= 1e-9, r["logits"]
         assert r["loss"] <= 1e-9, r["loss"]
+        assert "sharded over tp=2: save_pretrained would write shard shapes" in r["save_refused"]
 
 
 # --- fast: no processes ------------------------------------------------------------------------

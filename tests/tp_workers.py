@@ -248,11 +248,17 @@ def llama_logits(tp: int) -> dict:
     want = ref(input_ids=ids, labels=ids)
     got = model(input_ids=ids, labels=ids)
     q = model.model.layers[0].self_attn.q_proj
+    try:  # a sharded model's save_pretrained would write shard shapes: refused
+        model.save_pretrained("/nonexistent/never-written")
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
     return {
         "logits": _rel(got.logits, want.logits),
         "loss": _rel(got.loss.detach(), want.loss.detach()),
         "q_proj_rows": q.weight.shape[0],
         "type": type(q).__name__,
+        "save_refused": refused,
     }
 
 

@@ -201,10 +201,6 @@ class SequentialLayout(Layout):
 # --- Hugging Face decoders ---------------------------------------------------------------------
 
 
-class _Stop(Exception):
-    pass
-
-
 class _Recorder(nn.Module):
     """Stands in for decoder layer ``i`` during the base model's forward: records the arguments
     the model gives the layer and returns the hidden state unchanged (or the stage's own hidden
@@ -222,7 +218,7 @@ class _Recorder(nn.Module):
         log = self.log
         log["calls"][self.i] = (args, kwargs)
         if self.i == 0:
-            log["first_input"] = hidden
+            log["first_input"] = hidden  # the embeddings, as the model computed them
         if self.i == log["n"] - 1 and log.get("replace") is not None:
             return log["replace"]
         return hidden

@@ -208,7 +208,20 @@ def parallelize(
     if _is_causal_lm(module) and vocab_head(module) is not None:
         # A Hugging Face causal LM computes model(ids, labels=ids).loss with its loss_function.
         module.loss_function = causal_lm_loss_function(module)
+    if callable(getattr(module, "save_pretrained", None)):
+        module.save_pretrained = _sharded_save(tp)
     return module
+
+
+def _sharded_save(tp: int):
+    def save_pretrained(*args, **kwargs):
+        raise ValueError(
+            f"this model is sharded over tp={tp}: save_pretrained would write shard shapes that "
+            f"from_pretrained refuses; save plait.tensor.gather_state_dict(model) on one rank, "
+            f"or train with plait train --checkpoint-dir and run plait export"
+        )
+
+    return save_pretrained
 
 
 def _is_causal_lm(module: nn.Module) -> bool:
