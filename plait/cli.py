@@ -65,7 +65,13 @@ def _add_train(sub) -> None:
         help="the last step's timeline as a Gantt chart",
     )
     out.add_argument("--checkpoint-dir", default=None)
-    out.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS")
+    out.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="save every STEPS steps and at the end (default 0: at the end only)",
+    )
     out.add_argument(
         "--resume",
         action="store_true",

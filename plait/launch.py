@@ -22,6 +22,7 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
+import socket
 import sys
 import time
 import traceback
@@ -113,14 +114,18 @@ def launch(
     if threads_per_worker is None:
         threads_per_worker = max(1, (os.cpu_count() or 1) // world_size)
 
-    # The parent hosts the rendezvous store on a port the OS picks: no free-port race.
+    # The parent hosts the rendezvous store on a port the OS picks (no free-port race), listening
+    # on ``host`` only: TCPStore alone would listen on every interface.
+    listener = _listen(host)
+    port = listener.getsockname()[1]
     store = dist.TCPStore(
         host,
-        0,
+        port,
         world_size,
         is_master=True,
         wait_for_workers=False,
         timeout=datetime.timedelta(seconds=timeout),
+        master_listen_fd=listener.detach(),  # the store owns and closes it
     )
     ctx = _context()
     queue = ctx.SimpleQueue()
@@ -166,6 +171,16 @@ def _preload() -> list[str]:
         or (m.startswith("transformers.models.") and ".modeling_" in m)
     )
     return _PRELOAD + hf
+
+
+def _listen(host: str) -> socket.socket:
+    """A listening socket on ``host`` and a port the OS picks, for the rendezvous store."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(addr)
+    sock.listen(128)
+    return sock
 
 
 def _context() -> mp.context.BaseContext:

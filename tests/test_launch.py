@@ -100,3 +100,9 @@ def test_joins_a_torchrun_job(tmp_path):
     # Both torchrun ranks joined one job of 2 (not 2 jobs of 2 each) and got every rank's result.
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}").read_text() == "[(0, 2), (7, 2)]"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's /proc/net/tcp")
+def test_the_rendezvous_store_listens_on_loopback_only():
+    for listeners in launch(workers.store_listeners, 2):
+        assert listeners == ["0100007F"], listeners  # 127.0.0.1, and no other address

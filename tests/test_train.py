@@ -90,6 +90,11 @@ def test_cli_help_lists_commands():
             ["--schedule-costs", "1,x,2"],
             "expected three positive numbers F,B,W (e.g. 1,1.2,0.7), got '1,x,2'",
         ),
+        (["--grad-clip", "-1"], "--grad-clip -1.0 is not valid: it must be a norm >= 0"),
+        (["--warmup-steps", "-3"], "--warmup-steps -3 is not valid"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every -1 is not valid"),
+        (["--timeout", "0"], "--timeout must be a positive number of seconds"),
+        (["--virtual", "3"], "virtual=3 needs a pipeline (pp > 1)"),
     ],
 )
 def test_cli_bad_input_is_named(args, message):
@@ -98,3 +103,12 @@ def test_cli_bad_input_is_named(args, message):
     )
     assert res.returncode == 2
     assert message in res.stderr
+
+
+def test_a_checkpoint_dir_alone_saves_at_the_end_and_an_empty_resume_says_so(tmp_path, capsys):
+    from plait.train.checkpoint import latest_checkpoint
+
+    ck = tmp_path / "ck"
+    train(TrainConfig(steps=2, checkpoint_dir=str(ck), resume=True, progress=False))
+    assert "--resume: no complete checkpoint in" in capsys.readouterr().err
+    assert latest_checkpoint(ck).name == "step-00000002"  # no --checkpoint-every: at the end

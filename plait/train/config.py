@@ -85,8 +85,20 @@ class TrainConfig:
                 raise ValueError(
                     f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}"
                 )
-        if self.lr <= 0:
+        if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        for name, value, valid in (
+            ("grad-clip", self.grad_clip, "a norm >= 0 (0 disables clipping)"),
+            ("weight-decay", self.weight_decay, "a number >= 0"),
+            ("warmup-steps", self.warmup_steps, "a number of steps >= 0"),
+            ("checkpoint-every", self.checkpoint_every, "a number of steps >= 0 (0: at the end)"),
+        ):
+            if not value >= 0:
+                raise ValueError(f"--{name} {value} is not valid: it must be {valid}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not self.timeout > 0:
+            raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout}")
         if pc.dtype not in TRAIN_DTYPES:
             raise ValueError(
                 f"--dtype {pc.dtype!r} cannot train yet (no loss scaling); use one of "

@@ -19,6 +19,7 @@ measured timeline of the last step can be written as a Chrome trace and a Gantt 
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 import torch
@@ -46,6 +47,12 @@ DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 def train(cfg: TrainConfig) -> list[dict]:
     """Run training; returns the per-step metrics (as rank 0 recorded them)."""
     cfg.validate()
+    if cfg.resume and latest_checkpoint(cfg.checkpoint_dir) is None:
+        print(
+            f"plait train: --resume: no complete checkpoint in {cfg.checkpoint_dir}; starting "
+            f"from step 0",
+            file=sys.stderr,
+        )
     if cfg.world_size == 1 and not (dist.is_available() and dist.is_initialized()):
         return run_rank(cfg)
     results = launch(run_rank, cfg.world_size, cfg, timeout=cfg.timeout)
@@ -177,11 +184,8 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                         out.flush()
                     update(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
                 done = step + 1
-                if (
-                    cfg.checkpoint_dir
-                    and cfg.checkpoint_every
-                    and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
-                ):
+                every = cfg.checkpoint_every
+                if cfg.checkpoint_dir and (done == cfg.steps or (every and done % every == 0)):
                     save_state(cfg.checkpoint_dir, done, params, full_shapes, opt, mesh, owns, meta)
     finally:
         if out:
