@@ -49,7 +49,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from pp_vs_torch import _timed  # noqa: E402
+from pp_vs_torch import _timed, torch_stepper  # noqa: E402
 
 from plait import Mesh, launch  # noqa: E402
 from plait.models.source import next_token_loss  # noqa: E402
@@ -160,24 +160,6 @@ def _skip_edges(pipe) -> list[tuple[int, int]]:
     return sorted(edges)
 
 
-def _torch_stepper(tsched, modules, first: bool, last: bool, x, y):
-    losses: list = []
-
-    def run():
-        for mod in modules:
-            mod.zero_grad(set_to_none=True)
-        losses.clear()
-        kwargs = {"return_outputs": False}
-        if last:
-            kwargs.update(target=y, losses=losses)
-        if first:
-            tsched.step(x, **kwargs)
-        else:
-            tsched.step(**kwargs)
-
-    return run, losses
-
-
 def worker(args, schedules: list[str], systems: list[str]) -> dict:
     from torch.distributed import pipelining as tpp
 
@@ -216,7 +198,7 @@ def worker(args, schedules: list[str], systems: list[str]) -> dict:
             ]
             pst = [tpp.PipelineStage(mod, s, n_stages, cpu) for mod, s in zip(mods, mine)]
             tsched = cls(pst if v > 1 else pst[0], m, loss_fn=next_token_loss)
-            runners["manual"] = _torch_stepper(tsched, [model], first, last, x, y)
+            runners["manual"] = torch_stepper(tsched, [model], first, last, x, y)
         if "tracer" in systems:
             traced_model = copy.deepcopy(model)  # same weights; pipeline() patches its modules
             split = {
@@ -233,7 +215,7 @@ def worker(args, schedules: list[str], systems: list[str]) -> dict:
                     )
                 pst = [pipe.build_stage(s, cpu) for s in mine]
                 tsched = cls(pst if v > 1 else pst[0], m, loss_fn=next_token_loss)
-                runners["tracer"] = _torch_stepper(tsched, [traced_model], first, last, x, y)
+                runners["tracer"] = torch_stepper(tsched, [traced_model], first, last, x, y)
             except Exception as exc:  # report how the tracer fails, keep the other systems
                 cause = exc.__cause__ or exc
                 out["errors"][name] = f"{type(cause).__name__}: {str(cause).splitlines()[0][:400]}"

@@ -68,17 +68,13 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _steppers(model, rt, tsched, mine: dict, num_stages: int, x, y):
-    """One training step of plait and of PyTorch on the same stage modules."""
-    first, last = 0 in mine, (num_stages - 1) in mine
+def torch_stepper(tsched, modules, first: bool, last: bool, x, y):
+    """One PyTorch pipelining step on ``modules`` (gradients cleared first), and its losses."""
     losses: list = []
 
-    def run_plait():
-        model.zero_grad(set_to_none=True)
-        rt.train_step(x, y)
-
-    def run_torch():
-        model.zero_grad(set_to_none=True)
+    def run():
+        for mod in modules:
+            mod.zero_grad(set_to_none=True)
         losses.clear()
         kwargs = {"return_outputs": False}
         if last:
@@ -88,6 +84,18 @@ def _steppers(model, rt, tsched, mine: dict, num_stages: int, x, y):
         else:
             tsched.step(**kwargs)
 
+    return run, losses
+
+
+def _steppers(model, rt, tsched, mine: dict, num_stages: int, x, y):
+    """One training step of plait and of PyTorch on the same stage modules."""
+    first, last = 0 in mine, (num_stages - 1) in mine
+
+    def run_plait():
+        model.zero_grad(set_to_none=True)
+        rt.train_step(x, y)
+
+    run_torch, losses = torch_stepper(tsched, [model], first, last, x, y)
     return run_plait, run_torch, losses
 
 
