@@ -5,17 +5,24 @@ each (gloo on CPU, NCCL when every worker has its own GPU), calls ``fn(*args)`` 
 per-rank return values as a list. Inside a job that torchrun started it joins that job instead, so
 the same code runs on one machine or many.
 
-Failure is the part worth reading: workers report back through a queue, and the parent watches
-that queue and every worker's process sentinel at once. The first worker that raises or dies
-(SIGKILL included) brings the whole job down: the others are terminated (then killed after a short
-grace period), reaped, and :class:`WorkerError` is raised naming the rank and carrying its
+Failure is the part worth reading: each worker reports back through its own pipe, and the parent
+watches those pipes and every worker's process sentinel at once. The first worker that raises or
+dies (SIGKILL included) brings the whole job down: the others are terminated (then killed after a
+short grace period), reaped, and :class:`WorkerError` is raised naming the rank and carrying its
 traceback. A collective that never completes fails after ``timeout`` seconds, the process-group
-timeout, instead of hanging.
+timeout, instead of hanging; and a watchdog (:mod:`plait.heartbeat`) names a worker that stops
+making progress for longer than ``timeout`` (stopped, stuck, or deadlocked) with its last action,
+and ends the job.
+
+The workers never outlive their launcher: each holds the read end of a pipe whose only write end
+the launcher holds, and a thread in the worker kills it when that pipe closes -- which the kernel
+does whatever ends the launcher, SIGKILL included. SIGTERM (as sent by ``timeout``, Slurm or
+docker) stops the workers as Ctrl-C does, and the launcher then exits with status 143. No
+named semaphore is used, so nothing is left in ``/dev/shm`` either.
 """
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import multiprocessing as mp
 import multiprocessing.connection
@@ -24,17 +31,20 @@ import pickle
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from plait import heartbeat
 from plait.alloc import keep_freed_memory
 
-__all__ = ["launch", "WorkerError", "default_backend"]
+__all__ = ["launch", "WorkerError", "Terminated", "default_backend"]
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
 
@@ -128,33 +138,69 @@ def launch(
         master_listen_fd=listener.detach(),  # the store owns and closes it
     )
     ctx = _context()
-    queue = ctx.SimpleQueue()
-    procs = []
-    for rank in range(world_size):
-        p = ctx.Process(
-            target=_worker,
-            args=(
-                fn,
-                args,
-                rank,
-                world_size,
-                backend,
-                host,
-                store.port,
-                timeout,
-                threads_per_worker,
-                queue,
-            ),
-            name=f"plait-rank{rank}",
-        )
-        p.start()
-        procs.append(p)
+    slots = heartbeat.Slots(ctx, world_size)
+    alive_r, alive_w = ctx.Pipe(duplex=False)  # closes when this process ends, however
+    readers, procs = [], []
+    with _terminate_as_interrupt():
+        try:
+            for rank in range(world_size):
+                reader, writer = ctx.Pipe(duplex=False)
+                p = ctx.Process(
+                    target=_worker,
+                    args=(
+                        fn,
+                        args,
+                        rank,
+                        world_size,
+                        backend,
+                        host,
+                        store.port,
+                        timeout,
+                        threads_per_worker,
+                        writer,
+                        alive_r,
+                        slots,
+                    ),
+                    name=f"plait-rank{rank}",
+                )
+                p.start()
+                writer.close()  # the worker holds it now: EOF here once it exits
+                readers.append(reader)
+                procs.append(p)
+            alive_r.close()
+            watchdog = heartbeat.Watchdog(slots, [p.pid for p in procs], timeout)
+            return _collect(procs, readers, grace, watchdog)
+        finally:
+            _stop(procs, grace)
+            for r in readers:
+                r.close()
+            alive_w.close()
+            del store
+
+
+class Terminated(SystemExit):
+    """The launcher got SIGTERM: its workers were stopped; exits with status 143 (128 + 15)."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
+@contextmanager
+def _terminate_as_interrupt():
+    """While the job runs, SIGTERM unwinds the launcher (stopping its workers) as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        print("plait: SIGTERM: stopping the workers", file=sys.stderr, flush=True)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        return _collect(procs, queue, world_size, grace)
+        yield
     finally:
-        _stop(procs, grace)
-        queue.close()
-        del store
+        signal.signal(signal.SIGTERM, previous)
 
 
 # What the forkserver imports once, so that workers forked from it start without importing it.
@@ -203,35 +249,46 @@ def _context() -> mp.context.BaseContext:
     return mp.get_context("spawn")
 
 
-def _collect(procs, queue, world_size: int, grace: float) -> list[Any]:
+def _collect(procs, readers, grace: float, watchdog: heartbeat.Watchdog) -> list[Any]:
     """Gather every rank's result, or raise for the worker that failed first.
 
     A dead worker's peers fail too, often sooner than its death is noticed (their collectives
     see the connection drop). So after the first failure the parent listens a moment longer and
     blames a worker that died without reporting before one that raised: the root cause, not its
-    echo.
+    echo. A worker the watchdog finds stalled is blamed before both.
     """
+    world_size = len(procs)
     results: dict[int, Any] = {}
     failures: list[tuple[int, bool, str, str]] = []  # (rank, died, message, traceback)
-    reader = queue._reader  # the pipe end, waitable together with the sentinels
+    open_ = {r: rank for rank, r in enumerate(readers)}
     alive = {p.sentinel: rank for rank, p in enumerate(procs)}
+    poll = min(1.0, watchdog.limit / 4)
     deadline = None
     while len(results) < world_size:
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready = mp.connection.wait([reader, *alive], timeout)
-        if reader in ready:
-            _drain(queue, results, failures)
+        wait = poll if deadline is None else max(0.0, min(poll, deadline - time.monotonic()))
+        ready = mp.connection.wait([*open_, *alive], wait)
+        for r in [r for r in ready if r in open_]:
+            _read(r, open_.pop(r), results, failures)
         for sentinel in [s for s in ready if s in alive]:
             rank = alive.pop(sentinel)
             procs[rank].join()
-            _drain(queue, results, failures)  # it may have reported just before exiting
+            reader = readers[rank]
+            if reader in open_:  # it may have reported just before exiting
+                _read(reader, open_.pop(reader), results, failures)
             if rank not in results and not any(f[0] == rank for f in failures):
                 failures.append((rank, True, _describe_exit(procs[rank].exitcode), ""))
+        stall = watchdog.stalled(set(results) | {f[0] for f in failures})
+        if stall is not None:
+            raise WorkerError(stall.rank, stall.message(watchdog.limit))
         if failures and deadline is None:
             deadline = time.monotonic() + min(grace, 1.0)
-        if failures and (not ready or not alive or time.monotonic() >= deadline):
+        if failures and (not alive or time.monotonic() >= deadline):
             break
     if failures:
+        stopped = watchdog.stopped(set(results) | {f[0] for f in failures})
+        if stopped is not None:  # its peers timed out waiting on it: the cause, not the echo
+            echo = ", ".join(f"rank {r} {m.split(':')[0]}" for r, _, m, _ in failures)
+            raise WorkerError(stopped.rank, f"{stopped.message(watchdog.limit)}; then {echo}")
         rank, _, message, tb = min(failures, key=lambda f: not f[1])  # the dead first, stable
         others = [f"rank {r} {m.split(':')[0]}" for r, _, m, _ in failures if r != rank]
         if others:
@@ -240,14 +297,16 @@ def _collect(procs, queue, world_size: int, grace: float) -> list[Any]:
     return [results[r] for r in range(world_size)]
 
 
-def _drain(queue, results: dict[int, Any], failures: list) -> None:
-    """Read whatever is queued: results, and failures in the order they came."""
-    while not queue.empty():
-        status, rank, payload = queue.get()
-        if status == "err":
-            failures.append((rank, False, payload[0], payload[1]))
-        else:
-            results[rank] = pickle.loads(payload)
+def _read(reader, rank: int, results: dict[int, Any], failures: list) -> None:
+    """Read rank's one report: its result or its failure (nothing if it died first)."""
+    try:
+        status, payload = pickle.loads(reader.recv_bytes())
+    except (EOFError, OSError):
+        return
+    if status == "err":
+        failures.append((rank, False, payload[0], payload[1]))
+    else:
+        results[rank] = payload
 
 
 def _describe_exit(code: int | None) -> str:
@@ -278,19 +337,26 @@ def _stop(procs, grace: float) -> None:
             p.join()
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker if the launching process dies (no orphans)."""
-    if sys.platform != "linux":
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def _die_with_launcher(alive) -> None:
+    """Kill this worker as soon as its launcher is gone (however it ended): a thread waits on
+    the read end of a pipe whose only write end the launcher holds; the kernel closes that end
+    when the launcher dies, and the read returns."""
+
+    def watch() -> None:
+        try:
+            alive.recv_bytes()
+        except (EOFError, OSError):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="plait-launcher-watch", daemon=True).start()
 
 
-def _worker(fn, args, rank, world_size, backend, host, port, timeout, threads, queue) -> None:
-    _die_with_parent()
+def _worker(
+    fn, args, rank, world_size, backend, host, port, timeout, threads, out, alive, slots
+) -> None:
+    _die_with_launcher(alive)
+    heartbeat.attach(slots, rank)
     keep_freed_memory()
     os.environ.update(
         RANK=str(rank),
@@ -315,14 +381,15 @@ def _worker(fn, args, rank, world_size, backend, host, port, timeout, threads, q
             timeout=datetime.timedelta(seconds=timeout),
         )
         result = fn(*args)
-        payload = pickle.dumps(result)
+        report = pickle.dumps(("ok", result))
     except BaseException as exc:  # noqa: BLE001 - everything is reported to the parent
         message = f"raised {type(exc).__name__}: {exc}"
-        queue.put(("err", rank, (message, traceback.format_exc())))
+        out.send_bytes(pickle.dumps(("err", (message, traceback.format_exc()))))
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
-    queue.put(("ok", rank, payload))
+    heartbeat.beat("finished", watched=False)
+    out.send_bytes(report)
     try:
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - the result is already delivered

@@ -8,11 +8,35 @@ data-parallel replicas. :class:`MeshShape` is that arithmetic alone (no processe
 
 from __future__ import annotations
 
+import datetime
+
+import torch
 import torch.distributed as dist
 
 from plait.mesh_shape import AXES, Axis, MeshShape
 
-__all__ = ["Mesh", "MeshShape", "AXES"]
+__all__ = ["Mesh", "MeshShape", "AXES", "new_group", "world_timeout"]
+
+
+def new_group(ranks: list[int], timeout: datetime.timedelta | None = None):
+    """``dist.new_group(ranks)`` with the world group's timeout (collective over the world).
+
+    torch gives a new group a default of 30 minutes whatever the world was given; every group
+    plait creates goes through here, so a stalled peer fails every collective and pipeline
+    receive after the job's ``timeout``.
+    """
+    return dist.new_group(ranks, timeout=timeout or world_timeout())
+
+
+def world_timeout() -> datetime.timedelta | None:
+    """The timeout the default process group was created with (None if it cannot be read)."""
+    pg = dist.distributed_c10d._get_default_group()
+    for device in ("cpu", "cuda"):
+        try:
+            return pg._get_backend(torch.device(device)).options._timeout
+        except (RuntimeError, AttributeError):
+            continue
+    return None
 
 
 class Mesh:
@@ -31,6 +55,7 @@ class Mesh:
     """
 
     def __init__(self, dp: int = 1, pp: int = 1, tp: int = 1):
+        """Every axis group gets the world group's timeout (see :func:`new_group`)."""
         self.shape = MeshShape(dp, pp, tp)
         initialised = dist.is_available() and dist.is_initialized()
         world = dist.get_world_size() if initialised else 1
@@ -41,11 +66,12 @@ class Mesh:
             )
         self.rank = dist.get_rank() if initialised else 0
         self._groups: dict[str, dist.ProcessGroup | None] = {}
+        timeout = world_timeout() if initialised and world > 1 else None
         for axis in AXES:
             mine = None
             for ranks in self.shape.all_groups(axis):
                 # new_group is collective over the whole world: every rank creates every group.
-                g = dist.new_group(ranks) if initialised and world > 1 else None
+                g = new_group(ranks, timeout) if initialised and world > 1 else None
                 if self.rank in ranks:
                     mine = g
             self._groups[axis] = mine

@@ -9,30 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import children, wait_for
 
 BOUND_S = 60.0
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)  # polling an external process's progress, not synchronising our own
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def train_cmd(corpus, metrics, ck, *extra):

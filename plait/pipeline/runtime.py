@@ -46,7 +46,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from plait import comm
+from plait import comm, heartbeat
 from plait.pipeline.payload import decode_header, encode_header, flatten, unflatten
 from plait.pipeline.schedule import Action, Kind, Schedule
 from plait.pipeline.validate import validate
@@ -310,6 +310,7 @@ class PipelineRuntime:
             step.loss_work = self._broadcast_loss(step.loss_buf, last_rank)
         self._run(self._train_plan, step)
         if step.loss_work is not None:
+            heartbeat.beat("wait loss broadcast")
             step.loss_work.wait()
         return float(step.loss_buf.item())
 
@@ -381,6 +382,7 @@ class PipelineRuntime:
         }
         try:
             for i, a in enumerate(plan.actions):
+                heartbeat.beat(plan.labels[i])
                 self._post_receives(plan, i, queues, posted, step)
                 t0 = time.perf_counter()
                 if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
@@ -389,7 +391,7 @@ class PipelineRuntime:
                     handlers[a.kind](a, step)
                 t1 = time.perf_counter()
                 events.append(
-                    Event(self.pp_rank, str(a), a.kind.value, t0, t1, a.stage, a.microbatch)
+                    Event(self.pp_rank, plan.labels[i], a.kind.value, t0, t1, a.stage, a.microbatch)
                 )
                 # drop completed sends (and their buffers) oldest first: they finish in order,
                 # so this is usually one check per action
@@ -608,6 +610,7 @@ class _Plan:
         self, schedule: Schedule, rank: int, prefetch: int | str, peer: Callable[[int], int]
     ):
         self.actions = actions = schedule.actions[rank]
+        self.labels = [str(a) for a in actions]  # for the timeline and the watchdog
         self.source: dict[int, int] = {}  # receive index -> global rank it comes from
         self.post_at: dict[int, int] = {}  # receive index -> action index to post it before
         self.recvs_by_source: dict[int, list[int]] = {}

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait import comm
+from plait.mesh import new_group
 from plait.tensor.state import is_tp_sharded
 
 __all__ = ["GradSync", "clip_grad_norm"]
@@ -210,7 +211,7 @@ class TiedGrads:
         for d in range(shape.dp):  # collective: every rank creates every pair's group
             for t in range(shape.tp):
                 ranks = [shape.rank(d, first, t), shape.rank(d, last, t)]
-                g = dist.new_group(ranks)
+                g = new_group(ranks)
                 if mesh.rank in ranks:
                     self.group = g
         for names in tied:

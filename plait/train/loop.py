@@ -25,7 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from plait import comm
+from plait import comm, heartbeat
 from plait.alloc import peak_rss_mb, rss_mb
 from plait.data import dataset_for
 from plait.launch import launch
@@ -138,13 +138,17 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                 for g in opt.param_groups:
                     g["lr"] = lr_at(cfg, step)
                 comm.stats.reset()
+                heartbeat.set_step(step)
+                heartbeat.beat("forward/backward")
                 t0 = time.perf_counter()
                 sync.prepare(accumulations=pc.num_microbatches)
                 loss = local.step(x[rows], y[rows])
                 t1 = time.perf_counter()
+                heartbeat.beat("wait all-reduce gradients")
                 sync.finish()
                 tied_grads.reduce()
                 t2 = time.perf_counter()
+                heartbeat.beat("clip gradients")
                 norm = clip_grad_norm(
                     unique.values(),
                     cfg.grad_clip,
@@ -186,6 +190,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                 done = step + 1
                 every = cfg.checkpoint_every
                 if cfg.checkpoint_dir and (done == cfg.steps or (every and done % every == 0)):
+                    heartbeat.beat("save checkpoint", watched=False)
                     save_state(cfg.checkpoint_dir, done, params, full_shapes, opt, mesh, owns, meta)
     finally:
         if out:
