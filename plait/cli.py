@@ -75,13 +75,21 @@ def _add_train(sub) -> None:
     out.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the newest complete checkpoint in --checkpoint-dir",
+        help="continue from the newest checkpoint in --checkpoint-dir that verifies and fits",
+    )
+    out.add_argument(
+        "--allow-change",
+        type=lambda text: tuple(t for t in text.split(",") if t),
+        default=(),
+        metavar="SETTING[,SETTING]",
+        help="settings --resume may find changed since the checkpoint (e.g. lr,steps)",
     )
     out.add_argument(
         "--timeout",
         type=float,
         default=60.0,
-        help="seconds a collective may wait before the job fails",
+        help="seconds a collective may wait, and a worker may make no progress, before the "
+        "job fails naming it",
     )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_train)
@@ -119,9 +127,13 @@ def _cmd_train(args) -> int:
     cfg.validate()  # before torch loads: a bad setting is answered at once
     from plait.launch import WorkerError
     from plait.train import train
+    from plait.train.loop import NonFiniteError
 
     try:
         history = train(cfg)
+    except NonFiniteError as exc:  # one process: the message alone
+        print(f"plait train: {exc}", file=sys.stderr)
+        return 1
     except WorkerError as exc:
         print(f"plait train: {exc}", file=sys.stderr)
         if cfg.checkpoint_dir:

@@ -77,6 +77,11 @@ def _in_torchrun() -> bool:
     return all(v in os.environ for v in _TORCHRUN_VARS)
 
 
+def torchrun_world_size() -> int | None:
+    """The world size torchrun started this process in, or None outside torchrun."""
+    return int(os.environ["WORLD_SIZE"]) if _in_torchrun() else None
+
+
 def launch(
     fn: Callable[..., Any],
     world_size: int,

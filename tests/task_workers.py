@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import uuid
@@ -110,3 +111,30 @@ def raise_with_state(state, x):
     if x == 2:
         raise ValueError(f"bad item {x}")
     return x, state["pid"]
+
+
+def announce_and_block(exec_dir: str, fifo: str, x):
+    """Record that item ``x`` runs in this process (the test waits for that file), then block."""
+    _record(exec_dir, x)
+    with open(fifo, "rb") as f:  # nobody writes: the item runs until its worker is killed
+        f.read()
+    return x
+
+
+@dataclasses.dataclass
+class Point:
+    """A dataclass work item (fingerprinted by its fields)."""
+
+    x: int
+    tags: frozenset
+
+
+class Opaque:
+    """An item type plait does not know how to fingerprint (it must be given a key=)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+
+def opaque_square(o: Opaque):
+    return o.n * o.n

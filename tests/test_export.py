@@ -14,6 +14,7 @@ import pytest
 from plait.cli import main
 from plait.config import ParallelConfig
 from plait.train import TrainConfig, train
+from plait.train.store import write_manifest
 
 pytest.importorskip("transformers")
 
@@ -61,7 +62,7 @@ def _trained(d, ck):
 
     from plait.train.checkpoint import latest_checkpoint, load_checkpoint
 
-    step = Path(ck) if (Path(ck) / ".metadata").is_file() else latest_checkpoint(ck)
+    step = Path(ck) if (Path(ck) / "plait.json").is_file() else latest_checkpoint(ck)
     model = AutoModelForCausalLM.from_config(
         AutoConfig.from_pretrained(d), attn_implementation="eager", dtype=torch.float32
     )
@@ -197,11 +198,15 @@ def _tokenizer():
 
 
 def test_an_older_checkpoint_exports_with_model_named(tmp_path, corpus, capsys):
-    """Without plait.json the export needs --model; the layer count comes from the tensors."""
+    """A checkpoint that does not record its model (save_checkpoint without it) needs --model;
+    the layer count comes from the tensors."""
     d = hf_models.save("llama", tmp_path / "model", layers=4)
     _train(f"hf:{d}", tmp_path / "ck", corpus, steps=1, n_layers=2)
     step = tmp_path / "ck" / "step-00000001"
-    (step / "plait.json").unlink()
+    manifest = json.loads((step / "plait.json").read_text())
+    for key in ("model", "kind", "n_layers", "run", "params"):
+        manifest.pop(key)
+    write_manifest(step, manifest)
     _one_line_error(
         capsys,
         ["--checkpoint", str(step), "--out", str(tmp_path / "out")],

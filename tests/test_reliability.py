@@ -162,3 +162,57 @@ def test_watchdog_blames_the_silent_worker_not_the_one_waiting_on_it():
     assert dog.stalled({1}, now=112.0).rank == 0  # rank 1 finished: rank 0's wait is the stall
     put(1, -101.0, "save checkpoint")  # unwatched phase
     assert dog.stalled({0}, now=500.0) is None
+
+
+def test_a_torchrun_world_the_mesh_does_not_fill_is_refused(monkeypatch, capsys):
+    from plait.cli import main
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    code = main(["train", "--model", "tiny", "--steps", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "torchrun started 2 processes" in err and "--dp 2" in err, err
+
+
+def test_a_corpus_too_short_for_one_window_is_refused_before_the_workers(tmp_path, capsys):
+    from plait.cli import main
+
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    code = main(
+        [
+            "train",
+            "--model",
+            "tiny",
+            "--pp",
+            "2",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "4",
+            "--data",
+            str(short),
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "has 9 bytes" in err and "needs at least 33" in err, err
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--f", "-1", "--f -1.0 is not a time: it must be finite and > 0"),
+        ("--b", "nan", "--b nan is not a time"),
+        ("--comm", "-0.5", "--comm -0.5 is not a time: it must be finite and >= 0"),
+    ],
+)
+def test_simulate_refuses_negative_or_non_finite_times(flag, value, message, capsys):
+    from plait.cli import main
+
+    assert main(["simulate", "--stages", "2", flag, value]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err

@@ -15,6 +15,17 @@ from plait import tasks
 from plait.tasks import SetupError, TaskError, WorkerLostError
 
 
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path_factory, monkeypatch):
+    # The key that signs stored results lives in a state dir of this test, not in ~/.local.
+    monkeypatch.setenv("PLAIT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
+def _stored(out, fn, items):
+    """The items whose result is stored in ``out`` (files are named by fingerprint)."""
+    return {x for x in items if (Path(out) / f"{tasks.fingerprint(fn, x)}.result").exists()}
+
+
 def _assert_gone(pids):
     assert pids, "no worker pids were recorded"
     for pid in pids:
@@ -126,7 +137,7 @@ def test_rerun_after_interruption_computes_only_missing_items(tmp_path):
     for _ in range(5):
         next(stream)
     stream.close()
-    saved = {int(f.stem) for f in out.glob("*.pkl")}
+    saved = _stored(out, tw.recorded_square, range(20))
     assert len(saved) >= 5 and len(saved) < 20
     results = tasks.map(
         partial(tw.recorded_square, str(second)),
@@ -159,7 +170,7 @@ def test_rerun_after_the_job_is_sigkilled_computes_only_missing_items(tmp_path):
     script = KILLED_PARENT.format(tests=os.path.dirname(__file__), execs=str(first), out=str(out))
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
     assert res.returncode == -9, res.stderr.decode()[-2000:]
-    saved = {int(f.stem) for f in out.glob("*.pkl")}
+    saved = _stored(out, tw.kill_parent_at, range(16))
     assert 9 not in saved  # its job died while item 9 was running
     results = tasks.map(
         partial(tw.kill_parent_at, os.getpid(), str(second), -1),  # the same fn, killing nobody
@@ -175,8 +186,9 @@ def test_rerun_after_the_job_is_sigkilled_computes_only_missing_items(tmp_path):
 def test_interrupted_write_is_never_trusted(tmp_path):
     # A write cut short leaves only a dot-named temp file, never a file with a result's name.
     tasks.map(tw.square_pid, range(3), workers=1, results_dir=tmp_path, progress=False)
-    (tmp_path / "00000001.pkl").unlink()
-    (tmp_path / ".00000001.pkl.999.tmp").write_bytes(b"\x80partial")
+    name = f"{tasks.fingerprint(tw.square_pid, 1)}.result"
+    (tmp_path / name).unlink()
+    (tmp_path / f".{name}.999.tmp").write_bytes(b"\x80partial")
     results = tasks.map(tw.square_pid, range(3), workers=1, results_dir=tmp_path, progress=False)
     assert [r for r, _ in results] == [0, 1, 4]
     assert not list(tmp_path.glob(".*.tmp"))
@@ -247,10 +259,11 @@ def test_lambdas_travel_with_cloudpickle():
     assert tasks.map(lambda x: x + 1, range(4), workers=2, progress=False) == [1, 2, 3, 4]
 
 
-def test_stored_files_are_whole_pickles(tmp_path):
+def test_stored_files_are_named_by_item_fingerprint(tmp_path):
     tasks.map(tw.square_pid, range(4), workers=2, results_dir=tmp_path, progress=False)
-    names = sorted(p.name for p in Path(tmp_path).iterdir())
-    assert names == [f"0000000{i}.pkl" for i in range(4)] + ["plait-tasks.json"]
+    names = {p.name for p in Path(tmp_path).iterdir()}
+    fingerprints = {f"{tasks.fingerprint(tw.square_pid, i)}.result" for i in range(4)}
+    assert len(fingerprints) == 4 and names == fingerprints | {"plait-tasks.json"}
 
 
 def test_pool_keeps_workers_and_setup_across_jobs(tmp_path):

@@ -12,6 +12,12 @@ from plait.tasks import TaskError
 distributed = pytest.importorskip("distributed")
 
 
+@pytest.fixture(autouse=True)
+def _private_state_dir(tmp_path_factory, monkeypatch):
+    # The key that signs stored results lives in a state dir of this test, not in ~/.local.
+    monkeypatch.setenv("PLAIT_STATE_DIR", str(tmp_path_factory.mktemp("state")))
+
+
 @pytest.fixture(scope="module")
 def dask_executor():
     cluster = distributed.LocalCluster(

@@ -79,3 +79,19 @@ class _Odd(nn.Module):
 
 def odd() -> UserModel:
     return UserModel(_Odd(), loss=F.cross_entropy, batch=_mlp_batch)
+
+
+POISON_STEP = 3
+
+
+def _poisoned_batch(step: int, batch_size: int, seed: int = 0):
+    x, y = _mlp_batch(step, batch_size, seed)
+    if step == POISON_STEP:
+        x[0, 0] = float("nan")  # one bad value in the data, as a corrupt record would give
+    return x, y
+
+
+def poisoned() -> UserModel:
+    """:func:`mlp` whose batch of step ``POISON_STEP`` holds a NaN."""
+    src = mlp()
+    return UserModel(src.module, loss=F.cross_entropy, batch=_poisoned_batch)

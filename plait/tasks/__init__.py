@@ -13,13 +13,13 @@ batches or jobs: workers never talk while working, so throughput scales with wor
 
 Files: ``api`` (map, stream, Pool), ``pool`` (the local process pool: dispatch, deaths, retries),
 ``executor`` (any concurrent.futures.Executor, Dask included), ``worker`` (what runs in a worker),
-``store`` (atomic resumable results), ``errors``.
+``store`` (atomic, signed results keyed by item fingerprint), ``errors``.
 """
 
-from plait.tasks.api import Pool, map, stream
+from plait.tasks.api import Pool, ResultsRejectedWarning, map, stream
 from plait.tasks.errors import SetupError, TaskError, WorkerLostError
 from plait.tasks.pool import LocalPool
-from plait.tasks.store import ResultStore
+from plait.tasks.store import ResultStore, fingerprint
 
 __all__ = [
     "map",
@@ -30,4 +30,6 @@ __all__ = [
     "SetupError",
     "LocalPool",
     "ResultStore",
+    "ResultsRejectedWarning",
+    "fingerprint",
 ]

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import numbers
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from plait.progress import progress_bar
+from plait.tasks.errors import TaskError
 from plait.tasks.executor import executor_results, executor_width
 from plait.tasks.pool import LocalPool
-from plait.tasks.store import ResultStore
-from plait.tasks.worker import dumps_callable
+from plait.tasks.store import _SUFFIX, ResultStore
+from plait.tasks.worker import check_picklable, dumps_callable
 
-__all__ = ["map", "stream", "Pool"]
+__all__ = ["map", "stream", "Pool", "ResultsRejectedWarning"]
 
 
 def stream(
@@ -38,7 +41,8 @@ def stream(
     Args:
         fn: called as ``fn(item)``, or ``fn(state, item)`` with ``state = setup()`` when ``setup``
             is given. Module-level functions travel to worker processes by reference (lambdas
-            and closures need ``cloudpickle``).
+            and closures need ``cloudpickle``); ``fn``, ``setup`` and the items must pickle
+            (except on a thread pool), which is checked before any worker starts.
         items: the work; read into a list first (its length drives the progress bar).
         workers: local worker processes (default: the CPU count). With an ``executor``, how many
             items to keep submitted at once (default: the executor's width, when it tells).
@@ -46,10 +50,14 @@ def stream(
             return value is passed to every ``fn`` call in that process.
         executor: any ``concurrent.futures.Executor`` instead of the local pool, e.g. Dask's
             ``distributed.Client(address).get_executor()`` for many machines.
-        results_dir: write each result there as it finishes (atomically); a rerun loads what is
-            there and computes only the missing items.
-        key: with ``results_dir``, name each stored result ``key(item)`` instead of by index,
-            so a rerun may reorder or extend ``items``.
+        results_dir: write each result there as it finishes (atomically, signed), named by a
+            fingerprint of ``fn``'s name and the item's content; a rerun loads the results of
+            the items it still has (in any order) and computes the rest. Files that fail
+            verification are never unpickled: they are recomputed, with a
+            :class:`ResultsRejectedWarning` (see :mod:`plait.tasks.store` for the design).
+        key: with ``results_dir``, name each stored result ``key(item)`` (unique strings)
+            instead of by fingerprint: for items whose content plait cannot hash, or to keep
+            results of items that change in ways that do not matter.
         retries: extra attempts for an item whose worker died (fn raising is not retried).
         timeout: local pool: seconds an item may run before its worker is killed (and the item
             retried). With an ``executor``: seconds to wait for any item to finish before
@@ -60,6 +68,8 @@ def stream(
         description: the progress bar's label.
 
     Raises:
+        TypeError, ValueError: a bad argument, an unpicklable ``fn``/``setup``/item, or an item
+            that cannot be fingerprinted, in one line, before any worker starts.
         TaskError: ``fn`` raised on an item; names the item and carries the worker's traceback.
         WorkerLostError: an item's worker died on every allowed attempt.
         SetupError: ``setup`` raised in a worker.
@@ -69,18 +79,39 @@ def stream(
         for index, loss in plait.tasks.stream(score, batches, workers=2):
             print(index, loss)
     """
-    items = list(items)
+    items = _as_list(items)
     _validate(fn, workers, setup, executor, retries, timeout, threads_per_worker)
-    store = ResultStore(results_dir, fn) if results_dir is not None else None
-    if key is not None and store is None:
+    if key is not None and results_dir is None:
         raise ValueError("key= names stored results; it needs results_dir= as well")
-    keys = [ResultStore.key_for(i, it, key) for i, it in enumerate(items)] if store else []
+    if key is not None and not callable(key):
+        raise TypeError(f"key must be a function of an item returning a string, got {key!r}")
+    # Everything that can be refused is refused here, before any worker process starts.
+    threads = isinstance(executor, cf.ThreadPoolExecutor)  # nothing is pickled for threads
+    fn_sent = fn if threads else dumps_callable(fn, "fn")
+    setup_sent = setup if threads or setup is None else dumps_callable(setup, "setup")
+    store = ResultStore(results_dir, fn) if results_dir is not None else None
+    keys = [store.key_for(i, it, key) for i, it in enumerate(items)] if store else []
+    if key is not None:
+        _refuse_duplicate_keys(keys)
 
     todo: list[tuple[int, Any]] = []
     found: list[tuple[int, Any]] = []
     for index, item in enumerate(items):
         hit, value = store.load(keys[index]) if store else (False, None)
         (found if hit else todo).append((index, value) if hit else (index, item))
+    if store is not None and store.rejected:
+        shown = ", ".join(f"{k[:12]}{_SUFFIX}" for k in store.rejected[:3])
+        more = f" and {len(store.rejected) - 3} more" if len(store.rejected) > 3 else ""
+        warnings.warn(
+            f"results_dir {str(store.path)!r}: {len(store.rejected)} stored result(s) failed "
+            f"verification and are recomputed ({shown}{more}): altered, or written with another "
+            "user's key",
+            ResultsRejectedWarning,
+            stacklevel=2,
+        )
+    if executor is None or isinstance(executor, cf.ProcessPoolExecutor):
+        for index, item in todo:  # the local pool and process pools send items by pickle
+            check_picklable(index, item)
 
     with progress_bar(len(items), description, progress and len(items) > 0) as update:
         if found:
@@ -91,32 +122,63 @@ def stream(
         if executor is not None:
             results = executor_results(
                 executor,
-                fn,
-                setup,
+                fn_sent,
+                setup_sent,
                 todo,
                 workers or executor_width(executor),
                 retries,
                 timeout,
             )
         elif _pool is not None:
-            results = _pool.results(dumps_callable(fn, "fn"), todo)
+            results = _pool.results(fn_sent, todo)
         else:
             n = min(workers or os.cpu_count() or 1, len(todo))
             pool = LocalPool(
                 n,
-                dumps_callable(setup, "setup") if setup is not None else None,
+                setup_sent,
                 retries=retries,
                 timeout=timeout,
                 threads_per_worker=threads_per_worker or max(1, (os.cpu_count() or 1) // n),
             )
-            results = _closing(pool, pool.results(dumps_callable(fn, "fn"), todo))
+            results = _closing(pool, pool.results(fn_sent, todo))
         t0, done = time.perf_counter(), 0
         for index, result, _seconds in results:
             if store is not None:
-                store.save(keys[index], result)
+                try:
+                    store.save(keys[index], result)
+                except Exception as exc:  # noqa: BLE001 - e.g. a thread pool's unpicklable result
+                    raise TaskError(
+                        index, items[index], f"returned a result results_dir cannot store: {exc}"
+                    ) from None
             done += 1
             update(items_s=f"{done / (time.perf_counter() - t0):.1f}")
             yield index, result
+
+
+class ResultsRejectedWarning(UserWarning):
+    """Stored results in a ``results_dir`` failed verification; those items are recomputed."""
+
+
+def _as_list(items: Iterable[Any]) -> list[Any]:
+    # A string is iterable, but mapping over its characters is never what was meant.
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        hint = " (for one item, pass [item])" if isinstance(items, (str, bytes)) else ""
+        raise TypeError(
+            f"items must be an iterable of work items (a list, range, generator...), got "
+            f"{type(items).__name__} {items!r:.80}{hint}"
+        )
+    return list(items)
+
+
+def _refuse_duplicate_keys(keys: list[str]) -> None:
+    first: dict[str, int] = {}
+    for index, k in enumerate(keys):
+        if k in first:
+            raise ValueError(
+                f"key(item) returned {k!r} for both item {first[k]} and item {index}; keys name "
+                "stored results, so each item needs its own"
+            )
+        first[k] = index
 
 
 def _closing(pool: LocalPool, results: Iterator) -> Iterator:
@@ -147,7 +209,7 @@ def map(
 
         losses = plait.tasks.map(score, batches, workers=2, setup=load, results_dir="out/")
     """
-    items = list(items)
+    items = _as_list(items)
     results: list[Any] = [None] * len(items)
     for index, result in stream(fn, items, workers, **options):
         results[index] = result
@@ -174,10 +236,14 @@ def _validate_options(workers, setup, executor, retries, timeout, threads_per_wo
         )
     if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
         raise ValueError(f"retries must be a non-negative integer, got {retries!r}")
-    if timeout is not None and not timeout > 0:
+    if timeout is not None and (
+        not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or not timeout > 0
+    ):
         raise ValueError(f"timeout must be positive seconds or None, got {timeout!r}")
     if threads_per_worker is not None and (
-        not isinstance(threads_per_worker, int) or threads_per_worker < 1
+        not isinstance(threads_per_worker, int)
+        or isinstance(threads_per_worker, bool)
+        or threads_per_worker < 1
     ):
         raise ValueError(
             f"threads_per_worker must be a positive integer or None, got {threads_per_worker!r}"
@@ -226,7 +292,7 @@ class Pool:
 
     def map(self, fn: Callable[..., Any], items: Iterable[Any], **options: Any) -> list[Any]:
         """:func:`map` on this pool's workers; results in input order."""
-        items = list(items)
+        items = _as_list(items)
         results: list[Any] = [None] * len(items)
         for index, result in self.stream(fn, items, **options):
             results[index] = result

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import reprlib
 from typing import Any
 
-__all__ = ["TaskError", "WorkerLostError", "SetupError", "describe_item"]
+__all__ = ["TaskError", "WorkerLostError", "SetupError", "describe_item", "callable_name"]
 
 _repr = reprlib.Repr()
 _repr.maxstring = 80
@@ -15,6 +16,13 @@ _repr.maxother = 80
 def describe_item(index: int, item: Any) -> str:
     """``item 3 ('abc')``: the index and a short repr, for error messages."""
     return f"item {index} ({_repr.repr(item)})"
+
+
+def callable_name(fn: Any) -> str:
+    """``module.qualname`` of a function (of the function inside a ``functools.partial``)."""
+    while isinstance(fn, functools.partial):  # name the function, not "functools.partial"
+        fn = fn.func
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
 
 
 class TaskError(RuntimeError):

@@ -42,14 +42,18 @@ def executor_width(executor: cf.Executor) -> int | None:
 
 def executor_results(
     executor: cf.Executor,
-    fn: Callable,
-    setup: Callable | None,
+    fn: Callable | bytes,
+    setup: Callable | bytes | None,
     todo: list[tuple[int, Any]],
     in_flight: int | None,
     retries: int,
     timeout: float | None,
 ) -> Iterator[tuple[int, Any, float]]:
-    """Yield ``(index, result, seconds)`` as items finish on ``executor``."""
+    """Yield ``(index, result, seconds)`` as items finish on ``executor``.
+
+    ``fn`` and ``setup`` are pickled bytes from :func:`~plait.tasks.worker.dumps_callable` (so a
+    lambda reaches a ``ProcessPoolExecutor`` as it reaches Dask), or callables for a thread pool.
+    """
     job = uuid.uuid4().hex  # the setup cache key: one setup per worker process per job
     queue = deque(todo)
     items = dict(todo)

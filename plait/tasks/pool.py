@@ -11,7 +11,12 @@ Workers outlive one job: :meth:`LocalPool.results` may be called again with anot
 idle workers keep their ``setup`` state. A job that ends early (an item raised, the consumer
 stopped iterating, Ctrl-C) terminates the workers that were still busy on it, so no stale result
 can reach the next job. :meth:`LocalPool.close` stops every worker; workers also die with the
-parent process (no orphans).
+parent process however it ends, SIGKILL included: each watches its pipe for the parent's hang-up
+(:func:`~plait.tasks.worker._watch_parent`), so there are no orphans.
+
+Parent and workers talk over pipes and process sentinels only, never a multiprocessing
+``Queue``, ``Lock`` or ``Event``: those are named semaphores under forkserver/spawn, and a
+SIGKILL of the whole job would leave them in ``/dev/shm``.
 """
 
 from __future__ import annotations

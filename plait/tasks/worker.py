@@ -14,9 +14,12 @@ the parent can tell "fn raised" (reported, not retried) from "the worker died" (
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
+import select
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -24,24 +27,81 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["dumps_callable", "call_item", "local_worker_main"]
+from plait.tasks.errors import callable_name, describe_item
+
+__all__ = ["dumps_callable", "check_picklable", "call_item", "local_worker_main"]
 
 _NO_SETUP = object()
 
 
 def dumps_callable(obj: Callable, what: str) -> bytes:
-    """Pickle ``fn`` or ``setup`` up front, so a bad one fails before any process starts."""
-    try:
-        return pickle.dumps(obj)
-    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+    """Pickle ``fn`` or ``setup`` up front, so a bad one fails before any process starts.
+
+    Plain pickle first (a module-level function travels by name); then ``cloudpickle``, when
+    installed, for lambdas, nested functions and functions of an interactive ``__main__``.
+
+    Raises:
+        TypeError: in one line naming the function, why it cannot travel and what can.
+    """
+    name = f"{what}={callable_name(obj)}"
+    if not _in_fileless_main(obj):
         try:
-            import cloudpickle  # optional: lambdas and closures (installed with dask)
-        except ImportError:
-            raise TypeError(
-                f"{what}={obj!r} cannot be pickled for worker processes ({exc}); define it at "
-                "module level, or install cloudpickle for lambdas and nested functions"
-            ) from None
+            return pickle.dumps(obj)
+        except Exception as exc:  # noqa: BLE001 - PicklingError, AttributeError, TypeError...
+            first = exc
+    else:
+        first = "it is defined in an interactive session, which worker processes cannot import"
+    try:
+        import cloudpickle  # optional: lambdas and closures (installed with dask)
+    except ImportError:
+        raise TypeError(
+            f"{name} cannot be sent to worker processes ({_one_line(first)}); pass a function "
+            "defined at module level (functools.partial for its arguments), or install "
+            "cloudpickle for lambdas and nested functions"
+        ) from None
+    try:
         return cloudpickle.dumps(obj)
+    except Exception as exc:  # noqa: BLE001
+        raise TypeError(
+            f"{name} cannot be sent to worker processes ({_one_line(exc)}): something it refers "
+            "to (a closure variable, default or partial argument) cannot be pickled; pass a "
+            "module-level function with picklable arguments, and create locks, open files, "
+            "connections or models inside it or in setup="
+        ) from None
+
+
+def check_picklable(index: int, item: Any) -> None:
+    """Raise ``TypeError`` (one line) if ``item`` cannot be pickled for a worker process."""
+    try:
+        pickle.Pickler(_Discard(), protocol=pickle.HIGHEST_PROTOCOL).dump(item)
+    except Exception as exc:  # noqa: BLE001
+        raise TypeError(
+            f"{describe_item(index, item)} cannot be sent to worker processes "
+            f"({_one_line(exc)}); items must be picklable data (numbers, strings, containers, "
+            "arrays, tensors, module-level classes), not locks, open files, generators or "
+            "lambdas"
+        ) from None
+
+
+class _Discard:
+    """A file that forgets what is written: pickling an item to check it costs no memory."""
+
+    def write(self, data) -> int:
+        return len(data)
+
+
+def _one_line(exc: Any) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _in_fileless_main(obj: Any) -> bool:
+    """Whether ``obj`` is a function of a ``__main__`` that has no file (``python -c``, a REPL):
+    pickled by name it would fail in every worker, so it must travel by value."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    main = sys.modules.get("__main__")
+    return getattr(obj, "__module__", None) == "__main__" and not getattr(main, "__file__", None)
 
 
 def _apply(fn: Callable, state: Any, item: Any) -> Any:
@@ -73,16 +133,37 @@ def _cached_setup(job: str, setup: Callable[[], Any]) -> Any:
         return state
 
 
-def call_item(job: str, fn: Callable, setup: Callable | None, item: Any) -> tuple:
-    """Run one item on an executor's worker: ``("ok", result, seconds, pid)`` or ``("err", ...)``."""
+_FN_CACHE: OrderedDict[bytes, Callable] = OrderedDict()
+
+
+def _loads_callable(obj: Callable | bytes) -> Callable:
+    """``fn``/``setup`` as :func:`dumps_callable` sent it (bytes), or as given (a thread pool)."""
+    if not isinstance(obj, bytes):
+        return obj
+    with _SETUP_LOCK:
+        if obj not in _FN_CACHE:
+            _FN_CACHE[obj] = pickle.loads(obj)
+            while len(_FN_CACHE) > 2 * _SETUP_CACHE_SIZE:
+                _FN_CACHE.popitem(last=False)
+        _FN_CACHE.move_to_end(obj)
+        return _FN_CACHE[obj]
+
+
+def call_item(job: str, fn: Callable | bytes, setup: Callable | bytes | None, item: Any) -> tuple:
+    """Run one item on an executor's worker: ``("ok", result, seconds, pid)`` or ``("err", ...)``.
+
+    ``fn`` and ``setup`` come pickled by :func:`dumps_callable` (so lambdas travel to any process
+    pool the same way), or as plain callables for a thread pool.
+    """
     try:
+        setup = None if setup is None else _loads_callable(setup)
         state = _NO_SETUP if setup is None else _cached_setup(job, setup)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent as data
         _, message, tb = _failure(exc)
         return ("setup_err", message, tb)
     t0 = time.perf_counter()
     try:
-        result = _apply(fn, state, item)
+        result = _apply(_loads_callable(fn), state, item)
     except BaseException as exc:  # noqa: BLE001
         return _failure(exc)
     return ("ok", result, time.perf_counter() - t0, os.getpid())
@@ -102,9 +183,8 @@ def local_worker_main(setup_bytes: bytes | None, threads: int | None, conn) -> N
     or ``("setup_err", None, message, tb)``.
     """
     from plait.alloc import keep_freed_memory
-    from plait.launch import _die_with_parent
 
-    _die_with_parent()
+    _watch_parent(conn)
     keep_freed_memory()
     # Ctrl-C reaches the whole process group; the parent decides what happens, not each worker.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -138,3 +218,27 @@ def local_worker_main(setup_bytes: bytes | None, threads: int | None, conn) -> N
             _, message, tb = _failure(exc)
             reply = pickle.dumps(("err", index, message, tb))
         conn.send_bytes(reply)
+
+
+def _watch_parent(conn) -> None:
+    """SIGKILL this worker the moment the parent's end of its pipe closes, even mid-item.
+
+    The parent is the only process holding that end (workers fork from the forkserver, which
+    closes its copy), so the hang-up means the parent died, however it died (SIGKILL, SIGTERM,
+    OOM) or closed the pool. (``PR_SET_PDEATHSIG`` would not do: a worker's parent is the
+    forkserver, which outlives the launching process while any worker holds its alive pipe.)
+    Only hang-ups are polled for (``POLLRDHUP``), so the parent's messages never wake the thread.
+    """
+    poller = select.poll()
+    poller.register(conn.fileno(), getattr(select, "POLLRDHUP", 0))
+    gone = getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR
+
+    def watch() -> None:
+        while True:
+            for _, events in poller.poll():
+                if events & select.POLLNVAL:
+                    return  # the worker itself closed the pipe: it is exiting anyway
+                if events & gone:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="plait-parent-watch", daemon=True).start()

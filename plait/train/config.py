@@ -55,6 +55,8 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    resume_from: str | None = None  # a checkpoint; default: the newest that verifies
+    allow_change: tuple[str, ...] = ()  # settings a resume may change (plait.train.resume)
     timeout: float = 60.0
     progress: bool = True
 
@@ -135,6 +137,14 @@ class TrainConfig:
             )
         if self.resume and not self.checkpoint_dir:
             raise ValueError("--resume needs --checkpoint-dir")
+        from plait.train.resume import SETTINGS
+
+        bad = [c for c in self.allow_change if c not in SETTINGS]
+        if bad:
+            raise ValueError(
+                f"--allow-change {','.join(bad)}: not a setting a resume checks; valid: "
+                f"{','.join(SETTINGS)}"
+            )
         if self.n_layers is not None and source.kind == "function":
             raise ValueError(
                 f"--layers applies to presets and hf: models, not to {self.model!r} (a function "

@@ -126,7 +126,7 @@ def load_params(model: nn.Module, checkpoint: str | os.PathLike, what: str = "th
 
 
 def _recorded_layers(path: Path, source: ModelSource) -> int | None:
-    """An older checkpoint (no plait.json): the number of blocks its tensors hold, found from the
+    """A checkpoint that does not record its model: the number of blocks its tensors hold, from the
     model's layout (``model.layers.<i>.``), when that differs from the source's default."""
     if source.kind == "function":
         return None
@@ -160,15 +160,16 @@ def checkpoint_source(
     path (a ``step-N`` directory or a ``--checkpoint-dir`` root: its newest complete one).
 
     ``model`` (a name for :func:`plait.models.resolve_model`) overrides the model the checkpoint
-    records; checkpoints older than ``plait.json`` need it. Errors are one line.
+    records; checkpoints that do not record one need it. Errors are one line.
     """
     path = find_checkpoint(checkpoint)
     meta = checkpoint_meta(path)
+    recorded = meta is not None and bool(meta.get("model"))
     if model is None:
-        if meta is None or not meta.get("model"):
+        if not recorded:
             raise ValueError(
-                f"checkpoint {path} does not record its model (no plait.json: written by an "
-                f"older plait); give --model naming the model it was trained from "
+                f"checkpoint {path} does not record its model (saved by save_checkpoint "
+                f"without it); give --model naming the model it was trained from "
                 f"({command} --model hf:DIR ...)"
             )
         try:
@@ -180,10 +181,10 @@ def checkpoint_source(
             ) from None
     else:
         source = resolve_model(model)
-    if meta is not None and source.kind != "function":
+    if recorded and source.kind != "function":
         n_layers = meta.get("n_layers")
     else:
-        n_layers = _recorded_layers(path, source) if meta is None else None
+        n_layers = _recorded_layers(path, source) if not recorded else None
     return path, source, n_layers, meta
 
 

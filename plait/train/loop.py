@@ -19,8 +19,9 @@ measured timeline of the last step can be written as a Chrome trace and a Gantt 
 from __future__ import annotations
 
 import json
-import sys
+import math
 import time
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -32,31 +33,85 @@ from plait.launch import launch
 from plait.mesh import Mesh
 from plait.models.layout import tied_parameter_names
 from plait.progress import progress_bar
-from plait.train.checkpoint import latest_checkpoint, load_state, save_state
+from plait.train.checkpoint import check_checkpoint_dir, load_state, save_state
 from plait.train.config import TrainConfig, lr_at
 from plait.train.grads import GradSync, TiedGrads, clip_grad_norm
 from plait.train.metrics import busy, gather_record, mean_over, open_metrics, write_timeline
 from plait.train.parts import build_local
+from plait.train.resume import check_compatible, choose_checkpoint, model_shapes, run_settings
 from plait.train.zero import ZeroAdamW
 
-__all__ = ["train", "run_rank", "checkpoint_record"]
+__all__ = ["train", "run_rank", "checkpoint_record", "NonFiniteError"]
 
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
 
 
+class NonFiniteError(ArithmeticError):
+    """The loss or the gradient norm of a step is NaN or infinite: training stopped before the
+    optimizer step (so neither the parameters nor any checkpoint hold the bad values)."""
+
+
 def train(cfg: TrainConfig) -> list[dict]:
-    """Run training; returns the per-step metrics (as rank 0 recorded them)."""
+    """Run training; returns the per-step metrics (as rank 0 recorded them).
+
+    Before any worker starts: the settings are validated, the checkpoint directory must be
+    writable with room for a checkpoint of this model, and ``--resume`` picks the newest
+    checkpoint that verifies and fits this run (:mod:`plait.train.resume`).
+    """
     cfg.validate()
-    if cfg.resume and latest_checkpoint(cfg.checkpoint_dir) is None:
-        print(
-            f"plait train: --resume: no complete checkpoint in {cfg.checkpoint_dir}; starting "
-            f"from step 0",
-            file=sys.stderr,
-        )
+    _check_world(cfg)
+    source = cfg.source()
+    if cfg.world_size > 1:
+        _check_corpus(cfg, source)
+    shapes = model_shapes(cfg, source) if cfg.checkpoint_dir else None
+    if cfg.checkpoint_dir:
+        check_checkpoint_dir(cfg.checkpoint_dir, _checkpoint_bytes(shapes, cfg))
+    if cfg.resume and cfg.resume_from is None:
+        found = choose_checkpoint(cfg, source, shapes)
+        cfg = replace(cfg, resume_from=str(found) if found else None, resume=found is not None)
+    elif cfg.resume_from is not None:
+        from plait.train.store import verify_checkpoint
+
+        verify_checkpoint(cfg.resume_from)
+        check_compatible(cfg.resume_from, cfg, source, shapes)
     if cfg.world_size == 1 and not (dist.is_available() and dist.is_initialized()):
         return run_rank(cfg)
     results = launch(run_rank, cfg.world_size, cfg, timeout=cfg.timeout)
     return results[0]
+
+
+def _check_world(cfg: TrainConfig) -> None:
+    """Under torchrun the world is torchrun's: refuse a mesh that does not fill it (each
+    process would otherwise train its own full copy)."""
+    from plait.launch import torchrun_world_size
+
+    world = torchrun_world_size()
+    if world is not None and world != cfg.world_size:
+        pc = cfg.parallel
+        raise ValueError(
+            f"torchrun started {world} processes but the mesh --dp {pc.dp} x --pp {pc.pp} x "
+            f"--tp {pc.tp} has {cfg.world_size} ranks; choose sizes whose product is {world} "
+            f"(e.g. --dp {world})"
+        )
+
+
+def _check_corpus(cfg: TrainConfig, source) -> None:
+    """A corpus too short for one window is refused here, not inside every worker. Corpora over
+    8 MiB hold more tokens than any window needs, and are not read twice."""
+    from pathlib import Path
+
+    if cfg.data is None or not Path(cfg.data).is_file() or Path(cfg.data).stat().st_size > 2**23:
+        return
+    dataset_for(source, cfg.data, seed=cfg.seed, seq_len=cfg.seq_len)
+
+
+def _checkpoint_bytes(shapes: dict | None, cfg: TrainConfig) -> int:
+    """About what one checkpoint of this model takes: weights and two AdamW moments."""
+    if not shapes:
+        return 0
+    numel = sum(math.prod(shape) for shape in shapes.values())  # a tied matrix counts twice
+    per = {"fp64": 8, "fp32": 4, "bf16": 2, "fp16": 2}[cfg.parallel.dtype]
+    return 3 * numel * per
 
 
 def checkpoint_record(cfg: TrainConfig, source) -> dict:
@@ -74,6 +129,7 @@ def checkpoint_record(cfg: TrainConfig, source) -> dict:
         "dtype": pc.dtype,
         "mesh": {"dp": pc.dp, "pp": pc.pp, "tp": pc.tp},
         "seed": cfg.seed,
+        "run": run_settings(cfg, source),
     }
 
 
@@ -88,10 +144,10 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
     source = cfg.source()
     data = dataset_for(source, cfg.data, seed=cfg.seed, seq_len=cfg.seq_len)
     full = source.build(cfg.seed, cfg.n_layers).to(dtype)
-    start_step, resume_from = 0, None
-    if cfg.resume:
-        resume_from = latest_checkpoint(cfg.checkpoint_dir)
+    start_step, resume_from = 0, cfg.resume_from
     full_shapes = {n: tuple(p.shape) for n, p in full.named_parameters(remove_duplicate=False)}
+    if resume_from is not None:  # verified by train(); the model itself checked here too
+        check_compatible(resume_from, cfg, source, full_shapes)
     tied = tied_parameter_names(full)
     local = build_local(full, mesh, cfg, source)  # shards `full` in place
     params = local.params  # original full-model name -> this rank's (possibly sharded) parameter
@@ -104,7 +160,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
         primary.setdefault(id(p), name)
         unique.setdefault(primary[id(p)], p)
     uses = {i: sum(1 for p in params.values() if id(p) == i) for i in primary}
-    meta = checkpoint_record(cfg, source)
+    meta = {**checkpoint_record(cfg, source), "params": full_shapes}
     if cfg.zero1:
         opt = ZeroAdamW(unique, mesh.group("dp"), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -119,7 +175,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
     tied_grads = TiedGrads(params, tied, mesh, local.schedule)
 
     if resume_from is not None:
-        start_step = load_state(resume_from, params, full_shapes, opt, mesh, owns)
+        start_step = load_state(resume_from, params, full_shapes, opt, mesh, owns, verify=False)
     sync = GradSync(unique.values(), mesh.group("dp"), uses=uses)
     out = open_metrics(cfg.metrics_out, start_step) if rank0 and cfg.metrics_out else None
     history: list[dict] = []
@@ -157,10 +213,16 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                     mesh.group("pp"),
                     not_here=tied_grads.not_here,
                 )
+                loss = mean_over(loss, mesh.group("dp"))
+                if not (math.isfinite(loss) and math.isfinite(norm)):
+                    raise NonFiniteError(
+                        f"step {step}: loss {loss}, gradient norm {norm}: not finite; stopped "
+                        "before the optimizer step (lower --lr, or --grad-clip; --resume "
+                        "restarts from the last checkpoint)"
+                    )
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 t3 = time.perf_counter()
-                loss = mean_over(loss, mesh.group("dp"))
                 dt = time.perf_counter() - t0
                 # Where rank 0's step went: forward and backward of every micro-batch (pipeline
                 # and tensor communication included), waiting for the last gradient all-reduce,
