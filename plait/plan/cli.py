@@ -103,33 +103,89 @@ def _model(args):
             args.vocab,
             args.kv_heads,
             args.ffn,
-            seq_len=args.seq_len or 2048,
+            seq_len=args.seq_len if args.seq_len is not None else 2048,
         )
     else:
         raise ValueError("--model NAME, or all of --layers --hidden --heads --vocab, is required")
-    if args.seq_len:
+    if args.seq_len is not None:
         from dataclasses import replace
 
         spec = replace(spec, seq_len=args.seq_len)
     return spec
 
 
+def _check_numbers(args) -> None:
+    """Refuse sizes that are not sizes, before anything is looked up or costed."""
+    for flag, value in (
+        ("--gpus", args.gpus),
+        ("--global-batch", args.global_batch),
+        ("--seq-len", args.seq_len),
+        ("--dp", args.dp),
+        ("--tp", args.tp),
+        ("--pp", args.pp),
+        ("--microbatch-size", args.microbatch_size),
+        ("--virtual", args.virtual),
+        ("--top", args.top),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {value}")
+
+
+def _check_split(args, model) -> None:
+    """Refuse a given split the model cannot take (one line naming the value and what would be
+    valid), before the search runs."""
+    from plait.config import SCHEDULE_SPECS, resolve_schedule
+    from plait.plan.search import tp_problem, valid_tp
+
+    tp, pp = args.tp, args.pp
+    if tp is not None:
+        why = tp_problem(model, tp)
+        if why:
+            ok = ", ".join(map(str, valid_tp(model)))
+            raise ValueError(f"--tp {tp} {why} of {model.name}; valid tensor widths: {ok}")
+        if args.gpus % tp:
+            raise ValueError(f"--tp {tp} does not divide --gpus {args.gpus}")
+    if pp is not None:
+        if pp > model.layers:
+            raise ValueError(
+                f"--pp {pp} is more pipeline stages than the {model.layers} layers of "
+                f"{model.name}; at most {model.layers}"
+            )
+        if args.gpus % pp:
+            raise ValueError(f"--pp {pp} does not divide --gpus {args.gpus}")
+        if pp > 1:
+            sched = resolve_schedule(args.schedule or "1f1b")
+            v = args.virtual or SCHEDULE_SPECS[sched].default_virtual
+            if pp * v > model.layers:
+                raise ValueError(
+                    f"--pp {pp} x {v} chunks per rank ({sched}) = {pp * v} stages for the "
+                    f"{model.layers} layers of {model.name}; at most {model.layers} (fewer "
+                    f"stages or chunks)"
+                )
+    if tp is not None and pp is not None and args.gpus % (tp * pp):
+        raise ValueError(f"--tp {tp} x --pp {pp} = {tp * pp} does not divide --gpus {args.gpus}")
+    given = [args.dp, tp, pp, args.microbatch_size]
+    if any(v is not None for v in given):
+        if None in given:
+            raise ValueError(
+                "to evaluate one configuration give all of --dp --tp --pp --microbatch-size"
+            )
+        dp, mbs = args.dp, args.microbatch_size
+        if dp * tp * pp != args.gpus:
+            raise ValueError(
+                f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp}, not --gpus {args.gpus}"
+            )
+        if args.global_batch % (dp * mbs):
+            raise ValueError(
+                f"--global-batch {args.global_batch} is not a multiple of dp x microbatch-size "
+                f"= {dp * mbs}"
+            )
+
+
 def _given_config(args, model, hw, seq, dtype, flash):
     from plait.plan.evaluate import evaluate
 
     dp, tp, pp, mbs = args.dp, args.tp, args.pp, args.microbatch_size
-    if None in (dp, tp, pp, mbs):
-        raise ValueError(
-            "to evaluate one configuration give all of --dp --tp --pp --microbatch-size"
-        )
-    if dp * tp * pp != args.gpus:
-        raise ValueError(
-            f"--dp {dp} x --tp {tp} x --pp {pp} = {dp * tp * pp}, not --gpus {args.gpus}"
-        )
-    if args.global_batch % (dp * mbs):
-        raise ValueError(
-            f"--global-batch {args.global_batch} is not a multiple of dp x microbatch-size = {dp * mbs}"
-        )
     m = args.global_batch // (dp * mbs)
     sched = args.schedule or "1f1b"
     sp = args.sequence_parallel if args.sequence_parallel is not None else tp > 1
@@ -160,7 +216,12 @@ def _cmd_plan(args) -> int:
     from plait.plan.search import search
     from plait.plan.verdict import explain, format_table, schedule_costs_note
 
+    _check_numbers(args)
+    if args.global_batch is None:
+        args.global_batch = 8 * args.gpus
     model = _model(args)
+    if not args.inference:
+        _check_split(args, model)
     hw = get_hardware(args.hardware, refresh=args.recalibrate)
     dtype = args.dtype or ("fp32" if args.hardware == "local" else "bf16")
     seq = model.seq_len
@@ -179,8 +240,6 @@ def _cmd_plan(args) -> int:
         else:
             print(res.verdict())
         return 0
-    if args.global_batch is None:
-        args.global_batch = 8 * args.gpus
     res = search(
         model,
         hw,
@@ -192,6 +251,7 @@ def _cmd_plan(args) -> int:
         dtype=dtype,
         flash_attention=flash,
         keep=max(args.top, 10),
+        simulate_top=max(args.top, 6),
     )
     given = any(v is not None for v in (args.dp, args.tp, args.pp, args.microbatch_size))
     chosen = _given_config(args, model, hw, seq, dtype, flash) if given else res.best

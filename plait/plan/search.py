@@ -2,11 +2,14 @@
 
 The space: every ``dp x tp x pp`` that multiplies to the GPU count (tensor ranks dividing the
 attention heads, pipeline stages no more than layers), micro-batch sizes that divide each
-replica's share of the global batch, the schedules (1F1B, interleaved 1F1B with 2, 4 or 8 chunks,
-ZB-H1, ZB-V; GPipe only when asked, since it has 1F1B's bubble with more memory), recomputation
-and sequence parallelism. For each shape the cheapest recomputation that fits memory is kept
-(none is fastest, then selective, then full). Every candidate is costed by formula; the best few
-are then simulated on the real schedule and re-ranked.
+replica's share of the global batch, every schedule of :data:`plait.config.SCHEDULE_SPECS` (those
+with any number of chunks at 2, 4 and 8; GPipe only when asked, since it has 1F1B's bubble with
+more memory), recomputation and sequence parallelism. For each shape the cheapest recomputation
+that fits memory is kept (none is fastest, then selective, then full), with the activations each
+schedule holds as its generator builds it (:func:`plait.plan.evaluate.schedule_in_flight`). Every
+candidate is costed by formula; the best few are then simulated on the real schedule (or
+simulated shorter and extended, within 3%) and re-ranked: what is ranked was simulated. For the
+winner's shape every schedule is simulated too, so the verdict can say why this one.
 
 Example::
 
@@ -17,15 +20,15 @@ Example::
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from plait.config import ParallelConfig, resolve_schedule
+from plait.config import SCHEDULE_SPECS, ParallelConfig, resolve_schedule
 from plait.plan.evaluate import Estimate, evaluate
 from plait.plan.hardware import HardwareSpec
 from plait.plan.memory import BYTES_PER_PARAM
 from plait.plan.model_spec import RECOMPUTE, ModelSpec
 
-__all__ = ["SearchResult", "search", "strategy_of", "STRATEGIES"]
+__all__ = ["SearchResult", "search", "strategy_of", "STRATEGIES", "tp_problem", "valid_tp"]
 
 STRATEGIES = ("data", "tensor", "pipeline", "tensor+pipeline")
 
@@ -44,7 +47,8 @@ def strategy_of(cfg: ParallelConfig) -> str:
 @dataclass
 class SearchResult:
     """Ranked estimates, best first, plus the best of each strategy family (even if it does not
-    fit, so the verdict can say why not)."""
+    fit, so the verdict can say why not), and ``schedules``: the best shape under every schedule
+    that search considered (simulated; empty without a pipeline)."""
 
     ranked: list[Estimate]
     by_strategy: dict[str, Estimate]
@@ -56,6 +60,27 @@ class SearchResult:
     global_batch: int
     seq: int
     extra: dict = field(default_factory=dict)
+    _schedules: list[Estimate] | None = field(default=None, repr=False)
+
+    @property
+    def schedules(self) -> list[Estimate]:
+        """The best shape under every schedule the search considered, simulated, 1F1B first
+        (computed when first asked for; empty without a pipeline)."""
+        if self._schedules is None:
+            best = self.ranked[0] if self.ranked else None
+            if best is None or best.config.pp == 1:
+                self._schedules = []
+            else:
+                self._schedules = _every_schedule(
+                    self.model,
+                    self.hw,
+                    best,
+                    self.seq,
+                    self.extra.get("schedules", _default_schedules()),
+                    self.model.layers,
+                    self.extra.get("flash_attention", True),
+                )
+        return self._schedules
 
     @property
     def best(self) -> Estimate:
@@ -107,21 +132,23 @@ def search(
     """Rank configurations of ``gpus`` devices for a step of ``global_batch`` sequences.
 
     Args:
-        schedules: restrict the pipeline schedules (default all but GPipe).
+        schedules: restrict the pipeline schedules (default every one in
+            :data:`plait.config.SCHEDULE_SPECS` but GPipe).
         recompute: restrict recomputation choices (default all three).
         sequence_parallel: force it on or off (default on whenever ``tp > 1``: it moves the same
             bytes and shards more activations).
-        simulate_top: how many of the best by formula are simulated on the real schedule.
-        keep: how many ranked alternatives to return.
+        simulate_top: how many of the best by formula are simulated on the real schedule (the
+            ranking holds only these, and each family's best).
+        keep: how many ranked alternatives to return (at most ``simulate_top``).
     """
     if not isinstance(gpus, int) or gpus < 1:
         raise ValueError(f"--gpus must be a positive integer, got {gpus!r}")
     if not isinstance(global_batch, int) or global_batch < 1:
         raise ValueError(f"--global-batch must be a positive integer, got {global_batch!r}")
+    if seq is not None and (not isinstance(seq, int) or seq < 1):
+        raise ValueError(f"--seq-len must be a positive integer, got {seq!r}")
     seq = seq or model.seq_len
-    scheds = [
-        resolve_schedule(s) for s in (schedules or ["1f1b", "interleaved-1f1b", "zb-h1", "zb-v"])
-    ]
+    scheds = list(dict.fromkeys(resolve_schedule(s) for s in (schedules or _default_schedules())))
     rcs = recompute or list(RECOMPUTE)
     for r in rcs:
         if r not in RECOMPUTE:
@@ -144,7 +171,7 @@ def search(
             by_strategy[fam] = est
 
     for tp in _divisors(gpus):
-        if tp > max_tp or model.heads % tp:
+        if tp > max_tp or tp_problem(model, tp):
             continue
         for pp in _divisors(gpus // tp):
             if pp > model.layers:
@@ -191,38 +218,82 @@ def search(
                                 rejected += 1
                             consider(last)
     fitting.sort(key=lambda e: e.step_time_s)
-    # Re-cost the leaders (and each family's best) on the real schedules.
+    # Re-cost the leaders (and each family's best) on the real schedules; rank only those.
     leaders = fitting[:simulate_top]
     for est in list(by_strategy.values()):
         if est.fits and est not in leaders:
             leaders.append(est)
-    resim = {}
-    for est in leaders:
-        resim[id(est)] = evaluate(
-            model, hw, est.config, seq, simulate=True, flash_attention=flash_attention
-        )
-    fitting = [resim.get(id(e), e) for e in fitting]
+    resim = {
+        id(e): evaluate(model, hw, e.config, seq, simulate=True, flash_attention=flash_attention)
+        for e in leaders
+    }
     by_strategy = {k: resim.get(id(e), e) for k, e in by_strategy.items()}
-    head = sorted(fitting[: max(simulate_top, keep)], key=lambda e: e.step_time_s)
-    ranked = head[:keep]
+    simulated = [resim[id(e)] for e in leaders]
+    rejected += sum(1 for e in simulated if not e.fits)
+    ranked = sorted((e for e in simulated if e.fits), key=lambda e: e.step_time_s)[:keep]
+    extra = {"schedules": scheds, "flash_attention": flash_attention}
     return SearchResult(
-        ranked, by_strategy, considered, rejected, model, hw, gpus, global_batch, seq
+        ranked, by_strategy, considered, rejected, model, hw, gpus, global_batch, seq, extra
     )
 
 
+def _default_schedules() -> list[str]:
+    # GPipe has 1F1B's bubble and holds every micro-batch: never the better choice.
+    return [s for s in SCHEDULE_SPECS if s != "gpipe"]
+
+
+def tp_problem(model: ModelSpec, tp: int) -> str | None:
+    """Why ``tp`` tensor ranks cannot split ``model``'s attention, or None if they can: ``tp``
+    must divide the heads, and divide the key/value heads or be a multiple of them (each rank
+    then keeps a copy of one, as Megatron does)."""
+    kv = model.kv_heads or model.heads
+    if model.heads % tp:
+        return f"does not divide the {model.heads} attention heads"
+    if kv % tp and tp % kv:
+        return f"neither divides the {kv} key/value heads nor is a multiple of them"
+    return None
+
+
+def valid_tp(model: ModelSpec, limit: int | None = None) -> list[int]:
+    """Tensor-parallel widths that split ``model``'s attention (up to ``limit``)."""
+    top = model.heads if limit is None else min(limit, model.heads)
+    return [t for t in range(1, top + 1) if tp_problem(model, t) is None]
+
+
+def _every_schedule(
+    model: ModelSpec,
+    hw: HardwareSpec,
+    best: Estimate,
+    seq: int,
+    scheds: list[str],
+    layers: int,
+    flash_attention: bool,
+) -> list[Estimate]:
+    """``best``'s shape under every schedule option, simulated, 1F1B first: what the verdict
+    compares the chosen schedule with."""
+    c = best.config
+    opts = list(_schedule_options(scheds, c.pp, c.num_microbatches, layers))
+    if ("1f1b", 1) not in opts:
+        opts.insert(0, ("1f1b", 1))
+    out = []
+    for sched, v in opts:
+        if (sched, v) == (c.schedule, c.virtual):
+            out.append(best)
+            continue
+        cfg = replace(c, schedule=sched, virtual=v)
+        out.append(evaluate(model, hw, cfg, seq, simulate=True, flash_attention=flash_attention))
+    out.sort(key=lambda e: e.config.schedule != "1f1b")
+    return out
+
+
 def _schedule_options(scheds: list[str], pp: int, m: int, layers: int):
+    """``(schedule, chunks per rank)`` for each schedule of ``scheds`` at ``pp`` stages: its fixed
+    chunk count, or 2, 4 and 8 for those that take any; each chunk needs at least one layer."""
     if pp == 1:
         yield "none", 1
         return
     for s in scheds:
-        if s == "interleaved-1f1b":
-            for v in (2, 4, 8):
-                # Megatron's interleaving needs m a multiple of p (our generator handles other m,
-                # but slowly); each chunk needs at least one layer.
-                if pp * v <= layers and m % pp == 0:
-                    yield s, v
-        elif s == "zb-v":
-            if 2 * pp <= layers:
-                yield s, 2
-        else:
-            yield s, 1
+        spec = SCHEDULE_SPECS[s]
+        for v in (spec.virtual,) if spec.virtual is not None else (2, 4, 8):
+            if pp * v <= layers:
+                yield s, v

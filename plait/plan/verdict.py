@@ -11,7 +11,7 @@ from __future__ import annotations
 from plait.plan.evaluate import Estimate
 from plait.plan.search import SearchResult, strategy_of
 
-__all__ = ["explain", "format_table", "overheads"]
+__all__ = ["explain", "format_table", "overheads", "schedule_reason"]
 
 _NAMES = {
     "data": "data parallel only",
@@ -85,6 +85,67 @@ def schedule_costs_note(est: Estimate) -> str | None:
     )
 
 
+def _sched(e: Estimate) -> str:
+    c = e.config
+    spec = c.spec
+    return c.schedule + (f"/v{c.virtual}" if spec is not None and spec.virtual is None else "")
+
+
+def schedule_reason(res: SearchResult) -> str | None:
+    """One line: why the winner's pipeline schedule, against 1F1B and against the schedules that
+    would be faster but do not fit, with numbers (from :attr:`SearchResult.schedules`, every
+    schedule simulated at the winner's shape). None without a pipeline.
+
+    Example::
+
+        schedule_reason(res)
+        # 'zb-v: 6.1 points less bubble than 1f1b (2.0% vs 8.1%), 5% faster, at the same
+        #  activation memory; interleaved-1f1b/v4 would be 1% faster but needs 1.5x 1f1b's
+        #  activation memory (81 GB per GPU, over the 78 GB limit)'
+    """
+    if not res.ranked or not res.schedules:
+        return None
+    b = res.best
+    ref = next((e for e in res.schedules if e.config.schedule == "1f1b"), None)
+    parts = []
+    if ref is not None and ref is not b and ref.config.schedule != b.config.schedule:
+        pts = (ref.bubble_fraction - b.bubble_fraction) * 100
+        faster = ref.step_time_s / b.step_time_s - 1
+        act = b.memory.activations / max(ref.memory.activations, 1e-30)
+        mem = (
+            "at the same activation memory"
+            if abs(act - 1) < 0.005
+            else f"at {act:.2f}x its activation memory"
+        )
+        less = f"{pts:.1f} points less bubble" if pts >= 0 else f"{-pts:.1f} points more bubble"
+        parts.append(
+            f"{_sched(b)}: {less} than 1f1b ({b.bubble_fraction:.1%} vs "
+            f"{ref.bubble_fraction:.1%}), {faster:.0%} faster, {mem}"
+        )
+    else:
+        others = [e for e in res.schedules if e is not b and e.fits]
+        nxt = min(others, key=lambda e: e.step_time_s, default=None)
+        if nxt is None:
+            parts.append(f"{_sched(b)}: the only schedule that fits")
+        else:
+            parts.append(
+                f"{_sched(b)}: the fastest schedule that fits; next {_sched(nxt)} is "
+                f"{nxt.step_time_s / b.step_time_s - 1:.0%} slower (bubble "
+                f"{nxt.bubble_fraction:.1%} vs {b.bubble_fraction:.1%})"
+            )
+    over = [e for e in res.schedules if not e.fits and e.step_time_s < b.step_time_s]
+    if over:
+        o = min(over, key=lambda e: e.step_time_s)
+        base = ref if ref is not None else b
+        act = o.memory.activations / max(base.memory.activations, 1e-30)
+        parts.append(
+            f"{_sched(o)} would be {b.step_time_s / o.step_time_s - 1:.0%} faster but needs "
+            f"{act:.2f}x {_sched(base)}'s activation memory ({o.memory_gb_per_gpu:.0f} GB per "
+            f"GPU, over the {o.memory_limit / 1e9:.0f} GB limit)"
+        )
+    return "; ".join(parts)
+
+
 def explain(res: SearchResult) -> str:
     """Why the best configuration wins and why each other family loses, with numbers."""
     b = res.best
@@ -117,6 +178,9 @@ def explain(res: SearchResult) -> str:
     if c.recompute != "none":
         why.append(f"{c.recompute} recomputation is the cheapest that fits memory")
     lines.append("  Why: " + "; ".join(why) + "." if why else "  Why: one device does it all.")
+    reason = schedule_reason(res)
+    if reason:
+        lines.append("  Schedule " + reason + ".")
     note = schedule_costs_note(b)
     if note:
         lines.append("  " + note)
