@@ -71,7 +71,21 @@ _SPECS = (
         "v chunks per rank (Megatron's interleaving)",
     ),
     ScheduleSpec("zb-h1", ("zbh1",), 1, 1, "loop", True, "zero bubble, 1F1B's memory"),
+    ScheduleSpec(
+        "zb-h2", ("zbh2",), 1, 1, "loop", True, "zero bubble, 2p-1 micro-batches in flight"
+    ),
     ScheduleSpec("zb-v", ("zbv",), 2, 2, "v", True, "zero bubble on a V, two chunks per rank"),
+    ScheduleSpec("v-half", ("vhalf",), 2, 2, "v", True, "a V at about half of 1F1B's memory"),
+    ScheduleSpec("v-min", ("vmin",), 2, 2, "v", True, "a V at about a third of 1F1B's memory"),
+    ScheduleSpec(
+        "dualpipev",
+        ("dualpipe-v",),
+        2,
+        2,
+        "v",
+        True,
+        "DeepSeek's DualPipe on a V: F and B of two micro-batches paired",
+    ),
 )
 SCHEDULE_SPECS: dict[str, ScheduleSpec] = {s.name: s for s in _SPECS}
 SCHEDULES: tuple[str, ...] = tuple(SCHEDULE_SPECS)
@@ -140,7 +154,7 @@ class ParallelConfig:
         schedule: a name in :data:`SCHEDULES` or an alias, stored canonical; ``"none"`` when
             ``pp == 1`` (no pipeline: the micro-batches accumulate gradients).
         virtual: model chunks per pipeline rank; None takes the schedule's default (2 for
-            interleaved-1f1b and zb-v, else 1).
+            interleaved-1f1b and the V schedules, else 1).
         num_microbatches: micro-batches per replica per step; None takes ``pp``.
         microbatch_size: sequences per micro-batch, as the planner searches it; training derives
             it from its global batch instead (:meth:`plait.train.TrainConfig.parallel_for_plan`).

@@ -167,10 +167,22 @@ def _release(live: dict, n: int) -> None:
 
 
 def hf_reference(directory: str, steps: list[tuple[int, int, int]]):
-    """Single-process float64 losses and gradients of the model in ``directory`` (SGD between)."""
+    """Single-process float64 losses and gradients of the model in ``directory`` (SGD between).
+
+    On one intra-op thread, as the pipeline workers it is compared with: Hugging Face's eager
+    attention takes its softmax in float32 even in a float64 model, and a float32 reduction's
+    rounding depends on how many threads share it (about 1e-9 in the gradients at T=12)."""
     from plait.models import resolve_model
 
-    source = resolve_model(f"hf:{directory}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _hf_reference(resolve_model(f"hf:{directory}"), steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _hf_reference(source, steps):
     model = source.build(0).double()
     losses, grads = [], []
     for B, T, seed in steps:

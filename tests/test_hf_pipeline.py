@@ -52,7 +52,10 @@ def test_stages_chained_are_the_model_with_its_gradients(family_dir):
 def test_every_schedule_matches_one_process_in_float64(family_dir, schedule):
     family, d = family_dir
     losses, grads = pp_workers.hf_reference(d, STEPS)
-    for rank in launch(pp_workers.hf_pipeline, 2, (1, 2, 1), d, schedule, 4, STEPS):
+    workers = launch(
+        pp_workers.hf_pipeline, 2, (1, 2, 1), d, schedule, 4, STEPS, threads_per_worker=1
+    )
+    for rank in workers:
         for step, (got, want) in enumerate(zip(rank["losses"], losses)):
             assert got == pytest.approx(want, rel=1e-9, abs=1e-12), (family, schedule, step)
         for step, g in enumerate(rank["grads"]):

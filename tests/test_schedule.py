@@ -77,7 +77,12 @@ def test_zero_bubble_built_for_the_real_costs_runs_faster_on_them():
 
 
 schedules = st.one_of(
-    st.tuples(st.sampled_from(["gpipe", "1f1b", "zb-h1", "zb-v"]), st.just(None)),
+    st.tuples(
+        st.sampled_from(
+            ["gpipe", "1f1b", "zb-h1", "zb-h2", "zb-v", "v-half", "v-min", "dualpipev"]
+        ),
+        st.just(None),
+    ),
     st.tuples(st.just("interleaved-1f1b"), st.integers(1, 4)),
 )
 
@@ -93,8 +98,12 @@ def test_every_generated_schedule_is_valid(name_v, p, m, costs):
     report = validate(s)
     # every (stage, micro-batch) has its forward and its backward exactly once
     compute = [a for acts in s.compute_only() for a in acts]
-    per_mb = 3 if name.startswith("zb") else 2
-    assert len(compute) == len(set(compute)) == per_mb * s.num_stages * m
+    # (a split backward is two actions; DualPipeV splits only some)
+    per_mb = {(a.stage, a.microbatch): 3 if a.kind in (Kind.B, Kind.W) else 2 for a in compute}
+    assert len(compute) == len(set(compute)) == sum(per_mb.values())
+    assert len(per_mb) == s.num_stages * m
+    if name.startswith("zb") or name.startswith("v-"):
+        assert set(per_mb.values()) == {3}
     peak = report.peak_in_flight
     if name == "gpipe":
         assert peak == [m] * p
@@ -104,6 +113,10 @@ def test_every_generated_schedule_is_valid(name_v, p, m, costs):
         assert max(peak) <= min(p, m)  # 1F1B's peak, though W is deferred
     elif name == "zb-v":
         assert max(peak) <= 2 * min(p, m)  # in half-size chunks: p micro-batches' worth
+    elif name == "zb-h2":
+        assert max(peak) <= min(2 * p - 1, m)
+    elif name == "dualpipev":
+        assert max(peak) <= 2 * p + 1  # in chunks: p + 1/2 micro-batches
     # the inference schedule derived from it is valid too, with nothing but forwards
     fwd = validate(s.forward_only())
     assert fwd.forward_only and fwd.num_messages == report.num_messages // 2
@@ -185,7 +198,16 @@ def test_ir_generators_and_validator_stay_free_of_torch():
     import plait.pipeline as pp
 
     root = pathlib.Path(pp.__file__).parent
-    for name in ("schedule.py", "walk.py", "generators.py", "validate.py", "__init__.py"):
+    for name in (
+        "schedule.py",
+        "walk.py",
+        "generators.py",
+        "listsched.py",
+        "timing.py",
+        "zero_bubble.py",
+        "validate.py",
+        "__init__.py",
+    ):
         text = (root / name).read_text()
         assert not re.search(r"^\s*(import|from)\s+torch", text, re.M), name
 
@@ -221,7 +243,7 @@ def test_bubbles_in_unit_time(p, m):
 
 @pytest.mark.slow
 def test_every_schedule_up_to_p8_m32_v4_is_valid():
-    # exhaustive, not sampled: 2048 schedules, about 15 s
+    # exhaustive, not sampled: 3072 schedules, about 40 s
     for name in SCHEDULES:
         for v in [1, 2, 3, 4] if name == "interleaved-1f1b" else [None]:
             for p in range(1, 9):
@@ -234,3 +256,7 @@ def test_every_schedule_up_to_p8_m32_v4_is_valid():
                         assert max(peak) <= min(p, m)
                     elif name == "zb-v":
                         assert max(peak) <= 2 * min(p, m)
+                    elif name == "zb-h2":
+                        assert max(peak) <= min(2 * p - 1, m)
+                    elif name == "dualpipev":
+                        assert max(peak) <= 2 * p + 1

@@ -6,26 +6,34 @@ right after the action that produced the tensor, a receive right before the firs
 needs it, with receives on each pair of ranks reordered to match the sender's order (gloo and NCCL
 match point-to-point messages between two ranks in posting order).
 
-Generators by CLI name:
+Generators by CLI name (docs/schedules.md has each one's bubble and memory):
 
     gpipe             all forwards, then all backwards; m micro-batches in flight
     1f1b              warm up with p - r - 1 forwards, then alternate one forward, one backward;
                       at most p - r in flight on rank r
-    interleaved-1f1b  v chunks per rank (stage s on rank s % p), Megatron's order; the bubble
-                      shrinks by v at the price of v times more messages
+    interleaved-1f1b  v chunks per rank (stage s on rank s % p), Megatron's order over rounds of
+                      at least p micro-batches; the bubble shrinks by v at the price of v times
+                      more messages
     zb-h1             zero bubble, "handcrafted 1": backward split into B (input gradient, on the
                       critical path) and W (weight gradient, off it); W fills the bubbles while
                       activations in flight stay within 1F1B's peak of p
+    zb-h2             zero bubble, "handcrafted 2": 2p - 1 micro-batches in flight on every rank
+                      buy a parallelogram (:mod:`plait.pipeline.zero_bubble`)
     zb-v              zero bubble on a V: rank r holds stages r and 2p-1-r (v = 2), so the first
                       and last stage share rank 0 and the backward turns around without waiting
+    v-half, v-min     the V at about a half / a third of 1F1B's activation memory
+    dualpipev         DeepSeek's DualPipe on a V: forward and backward of two micro-batches
+                      paired in the steady state
 
-The greedy generators (interleaved when m is not a multiple of p, zb-h1, zb-v) run a list
-scheduler: every rank, when idle, starts the most urgent ready action its memory limit allows.
-It times actions by ``costs`` (the relative durations of F, B and W; equal by default, BW = B + W),
-so with the real ratios it fills idle time with work that actually fits there (at p = 4, m = 16
-and F : B : W = 1 : 1.18 : 0.7, ZB-V built for those costs simulates 13% faster than built for
-equal ones). Its output is the order, not the timing; :func:`plait.pipeline.validate` proves
-each one correct.
+Several generators build more than one candidate order and keep the best
+(:func:`plait.pipeline.timing.best_order`: the shortest step at ``costs``, then the fewest
+micro-batches in flight): interleaved-1f1b over how the micro-batches are cut into rounds, zb-h1
+and zb-v over list-scheduled orders built for ``costs`` and for equal costs (and, for zb-v, the
+handcrafted ZB-V pattern). So a schedule built for given costs is never slower at those costs
+than the one built for equal costs. The list scheduler (:func:`plait.pipeline.listsched.greedy`)
+times actions by ``costs`` (the relative durations of F, B and W; equal by default, BW = B + W),
+so with the real ratios it fills idle time with work that actually fits there. Its output is the
+order, not the timing; :func:`plait.pipeline.validate` proves each one correct.
 
 Example::
 
@@ -36,7 +44,6 @@ Example::
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
 
 from plait.config import (
     SCHEDULE_SPECS,
@@ -45,19 +52,25 @@ from plait.config import (
     resolve_schedule,
     resolve_virtual,
 )
+from plait.pipeline import zero_bubble
+from plait.pipeline.listsched import greedy
 from plait.pipeline.schedule import Action, Kind, Schedule
-from plait.pipeline.walk import ScheduleError, Walk, inputs, matching_recv, message_in, message_out
+from plait.pipeline.timing import best_order
+from plait.pipeline.walk import matching_recv, message_in, message_out
 
 __all__ = ["SCHEDULES", "build_schedule", "add_communication", "stage_to_rank_for"]
 
 Durations = dict  # Kind -> relative duration of one stage's action on one micro-batch
 
 
+_EQUAL: Durations = {Kind.F: 1.0, Kind.B: 1.0, Kind.W: 1.0, Kind.BW: 2.0}
+
+
 def _durations(costs) -> Durations:
     """The list scheduler's durations from ``costs = (F, B, W)`` (None: all equal)."""
     vals = check_schedule_costs(costs)
     if vals is None:
-        return {Kind.F: 1.0, Kind.B: 1.0, Kind.W: 1.0, Kind.BW: 2.0}
+        return dict(_EQUAL)
     f, b, w = vals
     return {Kind.F: f, Kind.B: b, Kind.W: w, Kind.BW: b + w}
 
@@ -65,8 +78,9 @@ def _durations(costs) -> Durations:
 def stage_to_rank_for(name: str, num_ranks: int, virtual: int = 1) -> list[int]:
     """Where each of the ``num_ranks * virtual`` stages lives for schedule ``name``.
 
-    Looping (``interleaved-1f1b``): stage ``s`` on rank ``s % p``. V-shape (``zb-v``): stages
-    ``0..p-1`` on ranks ``0..p-1``, then back ``p-1..0``. ``"none"`` (no pipeline) is one stage.
+    Looping (``interleaved-1f1b``): stage ``s`` on rank ``s % p``. V-shape (``zb-v``, ``v-half``,
+    ``v-min``, ``dualpipev``: ``placement="v"`` in their spec): stages ``0..p-1`` on ranks
+    ``0..p-1``, then back ``p-1..0``. ``"none"`` (no pipeline) is one stage.
     """
     p = num_ranks
     if name == "none":
@@ -89,11 +103,13 @@ def build_schedule(
         name: one of :data:`SCHEDULES`.
         num_ranks: pipeline ranks ``p`` (>= 1).
         num_microbatches: ``m`` (>= 1); ``m < p`` is allowed (some ranks idle longer).
-        virtual: chunks per rank ``v``: 1 for gpipe, 1f1b, zb-h1; 2 for zb-v; any v >= 1 for
-            interleaved-1f1b (default 2). None picks the default.
+        virtual: chunks per rank ``v``: 1 for gpipe, 1f1b, zb-h1, zb-h2; 2 for the V schedules
+            (zb-v, v-half, v-min, dualpipev); any v >= 1 for interleaved-1f1b (default 2). None
+            picks the default.
         costs: relative durations ``(F, B, W)`` of one micro-batch on one stage (a chunk), which
-            the list-scheduling generators order by; None means equal. The fixed-pattern
-            schedules ignore it. ``plait plan`` reports the costs it assumed for its choice.
+            the generators that choose among orders (interleaved-1f1b, zb-h1, zb-h2, zb-v) order
+            and rank by; None means equal. The fixed-pattern schedules ignore it. ``plait plan``
+            reports the costs it assumed for its choice.
 
     Returns:
         A :class:`Schedule` with compute and communication actions for every rank.
@@ -125,8 +141,16 @@ def build_schedule(
         orders = _interleaved(p, m, v, stage_to_rank, durations)
     elif name == "zb-h1":
         orders = _zb_h1(p, m, stage_to_rank, durations)
-    else:
+    elif name == "zb-v":
         orders = _zb_v(p, m, stage_to_rank, durations)
+    elif name == "zb-h2":
+        orders = best_order(
+            [zero_bubble.zb_h2(p, m, d) for d in _built_for(durations)], stage_to_rank, durations
+        )
+    elif name in ("v-half", "v-min"):
+        orders = zero_bubble.v_shape(name[2:], p, m)
+    else:
+        orders = zero_bubble.dualpipe_v(p, m)[0]
     return Schedule(
         name, p, len(stage_to_rank), m, stage_to_rank, add_communication(orders, stage_to_rank)
     )
@@ -158,49 +182,63 @@ def _one_f_one_b(p: int, m: int) -> list[list[Action]]:
 def _interleaved(
     p: int, m: int, v: int, stage_to_rank: list[int], durations: Durations
 ) -> list[list[Action]]:
-    # Megatron's order: micro-batches in groups of p; within a group every chunk of the rank in
+    # Megatron's order, over rounds of micro-batches: within a round every chunk of the rank in
     # turn (forward: chunk 0 first; backward: last chunk first); warm up with
-    # 2 (p - r - 1) + (v - 1) p forwards, then alternate one forward and one backward.
+    # 2 (p - r - 1) + (v - 1) g forwards (g: the first round's size), then alternate one forward
+    # and one backward. Megatron's rounds hold p micro-batches each; when p does not divide m,
+    # rounds of g >= p, as even as they come (the larger first), keep the steady state fed where
+    # a short last round would starve it (PyTorch takes m // p rounds and needs them to divide m).
+    # Candidates: m // p rounds and one fewer (larger rounds, more warm-up memory), kept by time.
     if v == 1:
         return _one_f_one_b(p, m)  # Megatron's formula is for v > 1; one chunk is plain 1F1B
+    most = max(1, m // p)
+    candidates = [_megatron(p, m, v, _rounds(m, k)) for k in sorted({max(1, most - 1), most})]
+    try:
+        return best_order(candidates, stage_to_rank, durations)
+    except ValueError:  # no round cut runs: the list scheduler with Megatron's in-flight limit
+        pass
 
-    def f_key(a: Action) -> tuple:
+    def key(a: Action) -> tuple:
         return (a.microbatch // p, a.stage // p, a.microbatch)
 
-    def b_key(a: Action) -> tuple:
-        return (a.microbatch // p, -(a.stage // p), a.microbatch)
+    limits = [min(2 * (p - r - 1) + (v - 1) * p + 1, m * v) for r in range(p)]
+    return greedy(p, m, stage_to_rank, durations, split=False, f_key=key, b_key=key, limits=limits)
 
+
+def _rounds(m: int, k: int) -> list[list[int]]:
+    """Micro-batches ``0..m-1`` cut into ``k`` consecutive rounds as even as they come, the
+    larger first."""
+    size, extra = divmod(m, k)
+    out, start = [], 0
+    for j in range(k):
+        n = size + (j < extra)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+def _megatron(p: int, m: int, v: int, rounds: list[list[int]]) -> list[list[Action]]:
+    """Megatron's interleaved order over ``rounds`` (stage ``c * p + r`` is rank r's chunk c)."""
+    warm_base = (v - 1) * len(rounds[0])
     orders = []
     for r in range(p):
-        stages = [s for s in range(len(stage_to_rank)) if stage_to_rank[s] == r]
-        fs = sorted((Action(Kind.F, s, i) for s in stages for i in range(m)), key=f_key)
-        bs = sorted((Action(Kind.BW, s, i) for s in stages for i in range(m)), key=b_key)
-        warmup = min(2 * (p - r - 1) + (v - 1) * p, len(fs))
+        fs = [Action(Kind.F, c * p + r, i) for rnd in rounds for c in range(v) for i in rnd]
+        bs = [
+            Action(Kind.BW, c * p + r, i) for rnd in rounds for c in reversed(range(v)) for i in rnd
+        ]
+        warmup = min(warm_base + 2 * (p - r - 1), len(fs))
         acts = fs[:warmup]
         for k in range(len(fs) - warmup):
             acts += [fs[warmup + k], bs[k]]
         acts += bs[len(fs) - warmup :]
         orders.append(acts)
-    if _feasible(orders, stage_to_rank, m):
-        return orders
-    # When m is not a multiple of p the group order can ask a rank for a backward whose
-    # forward waits behind it elsewhere; the list scheduler with Megatron's in-flight limit
-    # gives a valid order with the same priorities.
-    limits = [min(2 * (p - r - 1) + (v - 1) * p + 1, m * v) for r in range(p)]
-    return _greedy(
-        p, m, stage_to_rank, durations, split=False, f_key=f_key, b_key=b_key, limits=limits
-    )
+    return orders
 
 
-def _feasible(orders: list[list[Action]], stage_to_rank: list[int], m: int) -> bool:
-    """Whether every rank can run its compute order to the end (dependencies only)."""
-    p = len(orders)
-    try:
-        for _ in Walk(Schedule("custom", p, len(stage_to_rank), m, stage_to_rank, orders)):
-            pass
-    except ScheduleError:
-        return False
-    return True
+def _built_for(durations: Durations) -> list[Durations]:
+    """The durations to build candidates for: the given ones and equal ones, so that a schedule
+    built for costs is never slower at them than the equal-cost build (which is a candidate)."""
+    return [durations] if durations == _EQUAL else [durations, _EQUAL]
 
 
 def _zb_h1(p: int, m: int, stage_to_rank: list[int], durations: Durations) -> list[list[Action]]:
@@ -212,166 +250,47 @@ def _zb_h1(p: int, m: int, stage_to_rank: list[int], durations: Durations) -> li
     def key(a: Action) -> tuple:
         return (a.microbatch,)
 
-    return _greedy(
-        p,
-        m,
-        stage_to_rank,
-        durations,
-        split=True,
-        f_key=key,
-        b_key=key,
-        limits=[min(p, m)] * p,
-        fb_limits=[p - r for r in range(p)],
-        forward_first=True,
-    )
+    def build(d: Durations) -> list[list[Action]]:
+        return greedy(
+            p,
+            m,
+            stage_to_rank,
+            d,
+            split=True,
+            f_key=key,
+            b_key=key,
+            limits=[min(p, m)] * p,
+            fb_limits=[p - r for r in range(p)],
+            forward_first=True,
+        )
+
+    cands = [build(d) for d in _built_for(durations)]
+    return best_order(cands, stage_to_rank, durations, cap=[min(p, m)] * p)
 
 
 def _zb_v(p: int, m: int, stage_to_rank: list[int], durations: Durations) -> list[list[Action]]:
     # Two chunks per rank on a V. Older micro-batches and later stages first (a micro-batch that
     # has started should reach the loss and turn around); at most 2p chunks in flight per rank,
     # p micro-batches' worth of activations (a chunk is half a rank's layers), 1F1B's peak.
-    def f_key(a: Action) -> tuple:
+    # Candidates: that list schedule for the costs (and for equal costs), and the handcrafted
+    # ZB-V pattern, which reaches the lower bound 3m + (p - 1) / 2 at equal costs once m >= 2p.
+    def key(a: Action) -> tuple:
         return (a.microbatch, -a.stage)
 
-    def b_key(a: Action) -> tuple:
-        return (a.microbatch, -a.stage)
+    def build(d: Durations) -> list[list[Action]]:
+        return greedy(
+            p,
+            m,
+            stage_to_rank,
+            d,
+            split=True,
+            f_key=key,
+            b_key=key,
+            limits=[min(2 * p, m * 2)] * p,
+        )
 
-    return _greedy(
-        p,
-        m,
-        stage_to_rank,
-        durations,
-        split=True,
-        f_key=f_key,
-        b_key=b_key,
-        limits=[min(2 * p, m * 2)] * p,
-    )
-
-
-def _greedy(
-    p: int,
-    m: int,
-    stage_to_rank: list[int],
-    durations: Durations,
-    *,
-    split: bool,
-    f_key: Callable[[Action], tuple],
-    b_key: Callable[[Action], tuple],
-    limits: list[int],
-    fb_limits: list[int] | None = None,
-    limited: Callable[[Action], bool] = lambda a: True,
-    forward_first: bool = False,
-) -> list[list[Action]]:
-    """A list scheduler timed by ``durations``; returns each rank's compute actions in start
-    order.
-
-    Priority on an idle rank: a ready backward (B or BW) by ``b_key`` (with ``forward_first``,
-    after an allowed forward); else a ready forward by ``f_key`` if the rank's in-flight count (forwards whose last backward action has not run) is
-    below ``limits[r]`` (forwards for which ``limited`` is False are exempt) and, with
-    ``fb_limits``, forwards minus B's are below ``fb_limits[r]``; else the oldest ready W. If every
-    rank is idle and nothing may start, the limits are waived for the most urgent forward: the
-    scheduler never stalls, and the validator reports the peak that resulted.
-    """
-    S = len(stage_to_rank)
-    bwd = Kind.B if split else Kind.BW
-    done_at: dict[Action, int] = {}
-    todo = [
-        {
-            Action(k, s, i)
-            for s in range(S)
-            if stage_to_rank[s] == r
-            for i in range(m)
-            for k in ((Kind.F, Kind.B, Kind.W) if split else (Kind.F, Kind.BW))
-        }
-        for r in range(p)
-    ]
-    busy_until = [0] * p
-    in_flight = [0] * p
-    ahead = [0] * p  # forwards minus input-backwards
-    orders: list[list[Action]] = [[] for _ in range(p)]
-
-    # The dependency rule of plait.pipeline.walk (compute-only form), and its inverse.
-    needs = {a: inputs(a, S, bwd) for acts in todo for a in acts}
-    needed_by: dict[Action, list[Action]] = defaultdict(list)
-    for a, ds in needs.items():
-        for d in ds:
-            needed_by[d].append(a)
-
-    def deps(a: Action) -> list[Action]:
-        return needs[a]
-
-    def dependents(a: Action) -> list[Action]:
-        return needed_by[a]
-
-    def ready(a: Action, t: int) -> bool:
-        return all(d in done_at and done_at[d] <= t for d in deps(a))
-
-    # Actions not started whose dependencies have all started: the only ones worth checking.
-    frontier: list[set[Action]] = [set() for _ in range(p)]
-    for i in range(m):
-        frontier[stage_to_rank[0]].add(Action(Kind.F, 0, i))
-
-    def start(r: int, a: Action, t: int) -> None:
-        todo[r].discard(a)
-        frontier[r].discard(a)
-        for d in dependents(a):
-            if all(x in done_at or x == a for x in deps(d)):
-                frontier[stage_to_rank[d.stage]].add(d)
-        orders[r].append(a)
-        busy_until[r] = t + durations[a.kind]
-        done_at[a] = busy_until[r]
-        if a.kind is Kind.F:
-            in_flight[r] += 1
-            ahead[r] += 1
-        elif a.kind in (Kind.B, Kind.BW):
-            ahead[r] -= 1
-        if a.kind in (Kind.W, Kind.BW):
-            in_flight[r] -= 1
-
-    def may_forward(r: int, a: Action) -> bool:
-        if not limited(a):
-            return True
-        if in_flight[r] >= limits[r]:
-            return False
-        return fb_limits is None or ahead[r] < fb_limits[r]
-
-    t = 0
-    while any(todo):
-        started = False
-        for r in range(p):
-            if busy_until[r] > t or not todo[r]:
-                continue
-            cands = [a for a in frontier[r] if ready(a, t)]
-            backs = [a for a in cands if a.kind is bwd]
-            fwds = [a for a in cands if a.kind is Kind.F and may_forward(r, a)]
-            ws = [a for a in cands if a.kind is Kind.W]
-            if fwds and forward_first:
-                pick = min(fwds, key=f_key)
-            elif backs:
-                pick = min(backs, key=b_key)
-            elif fwds:
-                pick = min(fwds, key=f_key)
-            elif ws:
-                pick = min(ws, key=lambda a: (a.microbatch, a.stage))
-            else:
-                continue
-            start(r, pick, t)
-            started = True
-        if not started and all(b <= t for b in busy_until):
-            # Nothing running, nothing allowed: waive the limit for the most urgent forward.
-            waiting = [
-                (f_key(a), r, a)
-                for r in range(p)
-                for a in frontier[r]
-                if a.kind is Kind.F and ready(a, t)
-            ]
-            if not waiting:  # cannot happen for well-formed dependencies; fail loudly
-                raise RuntimeError(f"schedule generator stalled at t={t}: {todo}")
-            _, r, a = min(waiting)
-            start(r, a, t)
-        future = [b for b in busy_until if b > t]
-        t = min(future) if future else t + 1
-    return orders
+    cands = [build(d) for d in _built_for(durations)] + [zero_bubble.zb_v_pattern(p, m)]
+    return best_order(cands, stage_to_rank, durations, cap=[2 * min(p, m)] * p)
 
 
 # ---------------------------------------------------------------------------------------------
