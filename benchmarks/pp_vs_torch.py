@@ -3,10 +3,12 @@
 Same model (the same stage modules, shared), same data, same micro-batches; one thread per rank.
 Each measured step alternates plait and PyTorch (which goes first alternates too), with a barrier
 before and after so a step's time is the slowest rank's. Schedules: GPipe, 1F1B, interleaved 1F1B
-(v = 2) in both; plait's zb-h1 alongside for the bubble comparison.
+(v = 2) and DualPipeV (v = 2, V placement) in both; plait's zb-h1 and zb-v alongside 1F1B for the
+bubble comparison.
 
 It also prints the bubble check from plait's measured timelines: at p = 2, m = 8, 1F1B's idle
-fraction against its theoretical bubble (p - 1) / (m + p - 1), and zb-h1's step time against 1F1B's.
+fraction against its theoretical bubble (p - 1) / (m + p - 1), and zb-h1's and zb-v's step times
+against 1F1B's (the three alternate step by step).
 
 Allocator: by default the run sets glibc's ``MALLOC_MMAP_THRESHOLD_`` and
 ``MALLOC_TRIM_THRESHOLD_`` (for both systems alike) so freed memory is kept for reuse instead of
@@ -45,7 +47,9 @@ PAIRS = [
     ("gpipe", "ScheduleGPipe", 1),
     ("1f1b", "Schedule1F1B", 1),
     ("interleaved-1f1b", "ScheduleInterleaved1F1B", 2),
+    ("dualpipev", "ScheduleDualPipeV", 2),
 ]
+BUBBLE = [("1f1b", 1), ("zb-h1", 1), ("zb-v", 2)]  # plait only, alternating
 MODELS = {
     # name: (preset, overrides, batch, seq, steps multiplier: small steps are short, take more)
     "small": ("small", {}, 16, 128, 1),
@@ -138,9 +142,9 @@ def worker(model_name: str, m: int, steps: int, warmup: int) -> dict:
         out["times"][name] = (tp_times, pt_times)
         rt.close()
 
-    # Bubble: plait's measured idle fraction, 1f1b vs zb-h1 side by side.
+    # Bubble: plait's measured idle fraction, 1f1b vs zb-h1 vs zb-v side by side.
     model = Transformer(cfg, seed=0)
-    rts = {n: plait_runtime(n, 1, model)[0] for n in ("1f1b", "zb-h1")}
+    rts = {n: plait_runtime(n, v, model)[0] for n, v in BUBBLE}
     times: dict = {n: [] for n in rts}
     bubbles: dict = {n: [] for n in rts}
     for k in range(warmup + steps):
@@ -193,13 +197,16 @@ def main() -> None:
                 f"{theirs * 1e3:8.1f} ms   ratio {ratio:.2f}   "
                 f"loss {losses[name]:.5f} vs {losses[f'torch-{name}']:.5f}"
             )
-        (b1, t1), (bz, tz) = res[0]["bubble"]["1f1b"], res[0]["bubble"]["zb-h1"]
+        bub = res[0]["bubble"]
+        b1, t1 = bub["1f1b"]
         theory = (P - 1) / (args.microbatches + P - 1)
         print(
             f"  bubble: 1f1b measured idle {b1:.1%} vs theoretical {theory:.1%} "
-            f"({(b1 - theory) * 100:+.1f} points); zb-h1 idle {bz:.1%}; "
-            f"step zb-h1 {tz * 1e3:.1f} ms vs 1f1b {t1 * 1e3:.1f} ms ({tz / t1:.2f}x)"
+            f"({(b1 - theory) * 100:+.1f} points), step {t1 * 1e3:.1f} ms"
         )
+        for n, _ in BUBBLE[1:]:
+            b, t = bub[n]
+            print(f"          {n} idle {b:.1%}, step {t * 1e3:.1f} ms ({t / t1:.2f}x 1f1b's)")
     print("median step-time ratio plait/PyTorch: " + ", ".join(ratios))
 
 

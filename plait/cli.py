@@ -48,6 +48,25 @@ def _add_train(sub) -> None:
         action="store_true",
         help="shard optimizer state over the dp replicas (ZeRO stage 1)",
     )
+    mesh.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state over the dp replicas (PyTorch "
+        "FSDP2 fully_shard; each pipeline stage a unit); not with --zero1",
+    )
+    mesh.add_argument(
+        "--loss-scale",
+        type=float,
+        default=2.0**16,
+        help="fp16-mixed: the initial loss scale (halved on an overflow, which skips the step)",
+    )
+    mesh.add_argument(
+        "--loss-scale-window",
+        type=int,
+        default=1000,
+        metavar="STEPS",
+        help="fp16-mixed: finite steps in a row before the loss scale doubles",
+    )
     out = p.add_argument_group("outputs and fault tolerance")
     out.add_argument(
         "--metrics-out", default=None, metavar="FILE.jsonl", help="write one JSON object per step"
@@ -109,6 +128,7 @@ TRAIN_PARALLEL_FLAGS = [
     "recompute",
     "sequence_parallel",
     "dtype",
+    "precision",
 ]
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "SCHEDULE_SPECS",
     "RECOMPUTE",
     "DTYPES",
+    "PRECISIONS",
     "resolve_schedule",
     "resolve_dtype",
     "resolve_virtual",
@@ -95,6 +96,9 @@ RECOMPUTE = ("none", "selective", "full")
 BALANCES = ("layers", "params", "time")
 DTYPES = ("fp32", "fp64", "bf16", "fp16")
 _DTYPE_ALIASES = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "float16": "fp16"}
+# How training computes: ``fp32`` (in ``dtype``), or mixed: the low dtype for compute (autocast),
+# float32 master weights, optimizer state and gradients; fp16 with dynamic loss scaling.
+PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
 
 
 def schedule_names() -> list[str]:
@@ -162,7 +166,11 @@ class ParallelConfig:
             planner only) or ``full`` (each block).
         sequence_parallel: shard norms and dropout along the sequence inside tensor-parallel
             regions (no effect, and stored False, when ``tp == 1``).
-        dtype: the compute dtype, one of :data:`DTYPES` or an alias (``float32`` ...).
+        dtype: the dtype the whole model is cast to (weights, optimizer state and compute), one
+            of :data:`DTYPES` or an alias (``float32`` ...); ``fp64`` proves exactness.
+        precision: ``fp32`` (compute in ``dtype``), ``bf16-mixed`` or ``fp16-mixed``: compute in
+            the low dtype (autocast) over float32 master weights, optimizer state and gradients
+            (fp16 with dynamic loss scaling). Mixed precision needs ``dtype`` fp32 (its masters).
         balance: how the layers are cut into stages (:func:`plait.pipeline.split_blocks`):
             ``layers``, ``params``, ``time`` or a tuple of blocks per stage.
         schedule_costs: relative durations ``(F, B, W)`` the list-scheduling generators order by;
@@ -224,6 +232,15 @@ class ParallelConfig:
             choices=[*DTYPES, *_DTYPE_ALIASES],
         ),
     )
+    precision: str = field(
+        default="fp32",
+        metadata=_flag(
+            "fp32 (compute in --dtype), or bf16-mixed / fp16-mixed: compute in bf16 / fp16 over "
+            "float32 master weights, optimizer state and gradients (fp16 with dynamic loss "
+            "scaling); needs --dtype fp32",
+            choices=list(PRECISIONS),
+        ),
+    )
     schedule_costs: tuple[float, float, float] | None = field(
         default=None,
         metadata=_flag(
@@ -270,6 +287,17 @@ class ParallelConfig:
         if self.recompute not in RECOMPUTE:
             raise ValueError(f"recompute {self.recompute!r} is not one of {list(RECOMPUTE)}")
         put("dtype", resolve_dtype(self.dtype))
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"precision {self.precision!r} is not one of {list(PRECISIONS)} (a whole-model "
+                f"cast is set by dtype)"
+            )
+        if self.precision != "fp32" and self.dtype != "fp32":
+            raise ValueError(
+                f"precision {self.precision!r} keeps float32 master weights and computes in "
+                f"{self.precision[:4]}; it needs dtype fp32, got {self.dtype!r} (a whole-model "
+                f"cast: use dtype {self.dtype!r} with precision fp32)"
+            )
         if self.tp == 1:
             put("sequence_parallel", False)
         put("schedule_costs", check_schedule_costs(self.schedule_costs))
@@ -279,6 +307,12 @@ class ParallelConfig:
         return self.dp * self.pp * self.tp
 
     gpus = world_size
+
+    @property
+    def compute_dtype(self) -> str:
+        """The dtype the matrix multiplications run in: the low one of a mixed precision, else
+        ``dtype`` (what the planner's FLOP rates and activation bytes should use)."""
+        return {"bf16-mixed": "bf16", "fp16-mixed": "fp16"}.get(self.precision, self.dtype)
 
     @property
     def num_stages(self) -> int:

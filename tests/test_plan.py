@@ -104,6 +104,7 @@ def rows():
     return load_rows()
 
 
+@pytest.mark.timeout(900)  # a search per published run: minutes when the machine is shared
 def test_published_throughput_within_15pct_and_planner_at_least_as_fast(rows):
     for row in rows:
         pub = float(row["tflops_per_gpu"])

@@ -118,7 +118,7 @@ class _Step:
     loss: torch.Tensor | None = None
     losses_left: int = 0  # last-stage forwards still to run before the loss is complete
     loss_buf: torch.Tensor | None = None  # the step's loss, shared with every pp rank
-    loss_work: object = None  # its broadcast, in flight while the backward runs
+    loss_work: list | None = None  # its broadcast's works, in flight while the backward runs
 
 
 class PipelineRuntime:
@@ -211,12 +211,15 @@ class PipelineRuntime:
         self.timeline = Timeline(schedule.num_ranks)
         self._train_plan = _Plan(schedule, self.pp_rank, prefetch, self._peer)
         self._infer_plan = _Plan(schedule.forward_only(), self.pp_rank, prefetch, self._peer)
+        # Point-to-point messages go straight to the default process group (what dist.isend and
+        # dist.irecv call after their per-call argument checks); peers are global ranks.
+        self._pg = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+        self._loss_p2p = self._pg is not None and dist.get_backend() == "gloo"
         # Zero-bubble split: plain Linear layers have their weight gradient deferred to W.
         split = any(a.kind is Kind.W for a in schedule.actions[self.pp_rank])
         self._deferred: dict[int, list[nn.Linear]] = {}
         self._others: dict[int, list[nn.Parameter]] = {}
         self._recording: list | None = None
-        self._hooks = []
         for s, module in self.stages.items():
             lins = []
             if split and s not in self.checkpointed:
@@ -230,8 +233,6 @@ class PipelineRuntime:
             self._others[s] = [
                 q for q in module.parameters() if q.requires_grad and id(q) not in deferred
             ]
-            for m in lins:
-                self._hooks.append(m.register_forward_hook(self._record))
         # Shapes learned at run time, keyed by (stage, input micro-batch key).
         self._out_meta: dict[tuple, tuple] = {}  # outputs of my stages (for gradient receives)
         self._in_meta: dict[tuple, tuple] = {}  # outputs of a previous stage on another rank
@@ -308,17 +309,42 @@ class PipelineRuntime:
             # no extra round trip at the end of the step.
             step.loss_buf = torch.zeros(1, dtype=torch.float64)
             step.loss_work = self._broadcast_loss(step.loss_buf, last_rank)
-        self._run(self._train_plan, step)
+        # Linear layers whose weight gradient waits for W record their inputs, during plait's
+        # own training steps only (other code may run the same modules)
+        hooks = [
+            m.register_forward_hook(self._record) for ms in self._deferred.values() for m in ms
+        ]
+        try:
+            self._run(self._train_plan, step)
+        finally:
+            for h in hooks:
+                h.remove()
         if step.loss_work is not None:
             heartbeat.beat("wait loss broadcast")
-            step.loss_work.wait()
+            for work in step.loss_work:
+                work.wait()
         return float(step.loss_buf.item())
 
-    def _broadcast_loss(self, buf: torch.Tensor, last_rank: int):
-        if self.mesh.size("pp") == 1:
+    def _broadcast_loss(self, buf: torch.Tensor, last_rank: int) -> list | None:
+        """Start sending the step's loss from the last stage's rank to every pp rank: its works.
+
+        On gloo, point-to-point messages under a tag of their own (gloo matches receives by
+        source and tag, so they never meet an activation's): an async collective would run on
+        a gloo worker thread, one more thread to wake on both sides. Elsewhere a broadcast.
+        """
+        p = self.mesh.size("pp")
+        if p == 1:
             return None
         src = self.mesh.pp_peer(last_rank)
-        return dist.broadcast(buf, src=src, group=self.mesh.group("pp"), async_op=True)
+        if not self._loss_p2p:
+            return [dist.broadcast(buf, src=src, group=self.mesh.group("pp"), async_op=True)]
+        if self.pp_rank != last_rank:
+            return [self._pg.recv([buf], src, _LOSS_TAG)]
+        return [
+            self._pg.send([buf], self.mesh.pp_peer(r), _LOSS_TAG)
+            for r in range(p)
+            if r != last_rank
+        ]
 
     @torch.no_grad()
     def forward(self, inputs: torch.Tensor) -> torch.Tensor | None:
@@ -349,10 +375,8 @@ class PipelineRuntime:
         return Timeline(p, [e for part in parts for e in part])
 
     def close(self) -> None:
-        """Remove the forward hooks this runtime put on Linear layers."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        """Release what the runtime holds between steps (its forward hooks live only in a step)."""
+        self._pending_sends = deque()
 
     # -- execution -------------------------------------------------------------------------------
 
@@ -372,6 +396,10 @@ class PipelineRuntime:
         events: list[Event] = []
         posted: dict[int, tuple] = {}
         queues = {src: deque(idx) for src, idx in plan.recvs_by_source.items()}
+        # the first action index at which a receive is due to be posted (none left: past the end)
+        post_next = min(
+            (plan.post_at[q[0]] for q in queues.values() if q), default=len(plan.actions)
+        )
         handlers = {
             Kind.F: self._forward,
             Kind.BW: self._backward,
@@ -380,24 +408,27 @@ class PipelineRuntime:
             Kind.SEND_ACT: self._send,
             Kind.SEND_GRAD: self._send,
         }
+        recv_kinds = (Kind.RECV_ACT, Kind.RECV_GRAD)
+        pending = self._pending_sends
+        rank, labels, beat, clock = self.pp_rank, plan.labels, heartbeat.beat, time.perf_counter
         try:
             for i, a in enumerate(plan.actions):
-                heartbeat.beat(plan.labels[i])
-                self._post_receives(plan, i, queues, posted, step)
-                t0 = time.perf_counter()
-                if a.kind in (Kind.RECV_ACT, Kind.RECV_GRAD):
+                beat(labels[i])
+                if i >= post_next:
+                    post_next = self._post_receives(plan, i, queues, posted, step)
+                t0 = clock()
+                kind = a.kind
+                if kind in recv_kinds:
                     self._receive(plan, i, a, queues, posted, step)
                 else:
-                    handlers[a.kind](a, step)
-                t1 = time.perf_counter()
-                events.append(
-                    Event(self.pp_rank, plan.labels[i], a.kind.value, t0, t1, a.stage, a.microbatch)
-                )
+                    handlers[kind](a, step)
+                t1 = clock()
+                events.append(Event(rank, labels[i], kind.value, t0, t1, a.stage, a.microbatch))
                 # drop completed sends (and their buffers) oldest first: they finish in order,
                 # so this is usually one check per action
-                while self._pending_sends and self._pending_sends[0][1].is_completed():
-                    self._pending_sends.popleft()
-            for _, work in self._pending_sends:
+                while pending and pending[0][1].is_completed():
+                    pending.popleft()
+            for _, work in pending:
                 work.wait()
         finally:
             self._pending_sends = deque()
@@ -516,13 +547,17 @@ class PipelineRuntime:
                 continue
             dy2 = dy.reshape(-1, dy.shape[-1])
             x2 = inp.reshape(-1, inp.shape[-1])
+            if dy2.dtype != m.weight.dtype:
+                # mixed precision (autocast): the product in the layer's compute dtype, as
+                # autograd forms it, accumulated into the float32 master's gradient
+                _accumulate(m.weight, dy2.t().mm(x2.to(dy2.dtype)).to(m.weight.dtype))
             # accumulate in place: no temporary the size of the weight
-            if m.weight.grad is None:
+            elif m.weight.grad is None:
                 m.weight.grad = dy2.t().mm(x2)
             else:
                 m.weight.grad.addmm_(dy2.t(), x2)
             if m.bias is not None and m.bias.requires_grad:
-                _accumulate(m.bias, dy2.sum(0))
+                _accumulate(m.bias, dy2.sum(0).to(m.bias.dtype))
 
     # communication
 
@@ -537,8 +572,8 @@ class PipelineRuntime:
             if key not in self._sent_meta:
                 header = encode_header(*meta)
                 size = torch.tensor([header.numel()], dtype=torch.int64)
-                self._pending_sends.append((size, dist.isend(size, dst)))
-                self._pending_sends.append((header, dist.isend(header, dst)))
+                self._pending_sends.append((size, self._pg.send([size], dst, 0)))
+                self._pending_sends.append((header, self._pg.send([header], dst, 0)))
                 self._sent_meta[key] = meta
             elif self._sent_meta[key] != meta:
                 raise RuntimeError(
@@ -552,7 +587,7 @@ class PipelineRuntime:
         phase = "forward" if a.kind is Kind.SEND_ACT else "backward"
         for t in tensors:
             comm.record("send", t.numel() * t.element_size(), axis="pp", phase=phase)
-            self._pending_sends.append((t, dist.isend(t, dst)))
+            self._pending_sends.append((t, self._pg.send([t], dst, 0)))
 
     def _recv_meta(self, a: Action, step: _Step) -> list | None:
         """``[(shape, dtype), ...]`` of what ``a`` receives, if known without a header."""
@@ -564,9 +599,11 @@ class PipelineRuntime:
 
     def _post(self, metas: list, src: int) -> list:
         bufs = [torch.empty(shape, dtype=dtype) for shape, dtype in metas]
-        return [(b, dist.irecv(b, src)) for b in bufs]
+        return [(b, self._pg.recv([b], src, 0)) for b in bufs]
 
-    def _post_receives(self, plan, i: int, queues, posted, step: _Step) -> None:
+    def _post_receives(self, plan, i: int, queues, posted, step: _Step) -> int:
+        """Post the receives due by action ``i``; returns the next action index one is due."""
+        due = len(plan.actions)
         for src, q in queues.items():
             while q and plan.post_at[q[0]] <= i:
                 j = q[0]
@@ -575,6 +612,10 @@ class PipelineRuntime:
                     break  # a header comes first: post at the receive itself, in order
                 posted[j] = self._post(metas, src)
                 q.popleft()
+            if q:
+                # a receive waiting for its header is posted by _receive: look again next action
+                due = min(due, max(plan.post_at[q[0]], i + 1))
+        return due
 
     def _receive(self, plan, i: int, a: Action, queues, posted, step: _Step) -> None:
         if i not in posted:
@@ -584,9 +625,9 @@ class PipelineRuntime:
             metas = self._recv_meta(a, step)
             if metas is None:  # first time this input shape crosses: learn it
                 size = torch.empty(1, dtype=torch.int64)
-                dist.irecv(size, src).wait()
+                self._pg.recv([size], src, 0).wait()
                 header = torch.empty(int(size.item()), dtype=torch.uint8)
-                dist.irecv(header, src).wait()
+                self._pg.recv([header], src, 0).wait()
                 learnt = decode_header(header)
                 self._in_meta[(a.stage - 1, step.keys[a.microbatch], step.training)] = learnt
                 metas = [(sh, dt) for sh, dt, _ in learnt[1]]
@@ -646,6 +687,9 @@ class _Plan:
             self.source[j] = peer(src_stage)
             self.recvs_by_source.setdefault(self.source[j], []).append(j)
 
+
+# The tag of the loss messages on gloo (activations and gradients use tag 0).
+_LOSS_TAG = 1
 
 # Post a receive this many compute actions before its sender is expected to send: real timing
 # drifts from unit time, and a receive posted a little early costs a buffer, one posted late costs

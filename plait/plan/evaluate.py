@@ -46,10 +46,10 @@ __all__ = [
 # Above this many compute actions a schedule is not simulated whole (it would take seconds).
 SIMULATE_MAX_ACTIONS = 40_000
 # The list-scheduling generators (zero-bubble, and interleaved when m is not a multiple of p) take
-# time growing faster than p * m * v (0.2 s at 2048 on the development machine); above this size
+# time growing faster than p * m * v (about 0.5 s at 512 on the 2-core machine); above this size
 # the schedule is simulated at fewer micro-batches and extended (:func:`extrapolate`), or, where
 # even that is too big, costed by formula.
-GREEDY_MAX_SIZE = 2048
+GREEDY_MAX_SIZE = 512
 # The longest run an extrapolation may simulate (p * m * v). Its runs are cached and shared by
 # every configuration with the same stage count, residue of m and costs.
 EXTRAPOLATE_MAX_SIZE = 8192

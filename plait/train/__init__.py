@@ -5,6 +5,7 @@ loop.py        train() and run_rank(): the step loop on every rank
 parts.py       what one rank trains: its stages, shards and how a step runs
 grads.py       data-parallel gradient averaging (bucketed, overlapped) and global-norm clipping
 zero.py        ZeRO stage 1: AdamW state sharded over the data-parallel replicas
+precision.py   mixed precision: autocast over float32 masters, fp16's dynamic loss scaling
 checkpoint.py  the mesh-independent checkpoint layout and its atomic I/O
 metrics.py     per-step records gathered from every rank, metrics file, timelines
 """

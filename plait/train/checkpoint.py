@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from plait.train import fsdp
 from plait.train.store import (
     META_FILE,
     CheckpointError,
@@ -97,23 +98,28 @@ def take_shard(full: torch.Tensor, local_shape: tuple[int, ...], rank: int) -> t
 _OPT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def save_state(directory, step, params, full_shapes, opt, mesh, owns, meta=None) -> None:
+def save_state(
+    directory, step, params, full_shapes, opt, mesh, owns, meta=None, extra=None
+) -> None:
     """Every rank adds its stage's tensors, gathered over tp; optimizer state from its owner.
 
     The step is the data position (batches are a function of seed and step); each rank's RNG
     state is kept under its rank, for a resume on the same world size. ``meta`` is what the
-    checkpoint records about its model (``plait.json``, see :func:`save_checkpoint`).
+    checkpoint records about its model (``plait.json``, see :func:`save_checkpoint`); ``extra``:
+    JSON values saved beside the step (fp16's loss scale), read back from the manifest's values.
     """
     group = mesh.group("tp")
-    state: dict = {"step": step, f"rng.rank{mesh.rank}": torch.get_rng_state()}
+    state: dict = {**(extra or {}), "step": step, f"rng.rank{mesh.rank}": torch.get_rng_state()}
     for name, p in params.items():
-        state[f"model.{name}"] = gather_full(p.data, full_shapes[name], group)
+        # an FSDP parameter (and its state) is first gathered over dp: full() is collective
+        state[f"model.{name}"] = gather_full(fsdp.full(p.data), full_shapes[name], group)
         st = opt.state.get(p, {}) if owns(name) else {}
         for key in _OPT_KEYS:
             if key in st:
-                state[f"optim.{name}.{key}"] = gather_full(st[key], full_shapes[name], group)
+                whole = fsdp.full(st[key])
+                state[f"optim.{name}.{key}"] = gather_full(whole, full_shapes[name], group)
         if "step" in st:
-            state[f"optim.{name}.step"] = st["step"].detach().clone()
+            state[f"optim.{name}.step"] = fsdp.full(st["step"]).detach().clone()
     save_checkpoint(directory, step, state, meta=meta)
 
 
@@ -141,13 +147,18 @@ def load_state(path, params, full_shapes, opt, mesh, owns, verify: bool = True) 
     tp_rank = mesh.tp_rank
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(take_shard(state[f"model.{name}"], tuple(p.shape), tp_rank))
+            # an FSDP parameter is a DTensor: its dp shard of the tp shard, cut where it is
+            mine = take_shard(state[f"model.{name}"], tuple(p.shape), tp_rank)
+            fsdp.local(p).copy_(fsdp.local(fsdp.shard_like(mine, p)))
             if not owns(name):
                 continue
             opt.state[p] = {
                 "step": state[f"optim.{name}.step"],
                 **{
-                    k: take_shard(state[f"optim.{name}.{k}"], tuple(p.shape), tp_rank).to(p.dtype)
+                    k: fsdp.shard_like(
+                        take_shard(state[f"optim.{name}.{k}"], tuple(p.shape), tp_rank).to(p.dtype),
+                        p,
+                    )
                     for k in _OPT_KEYS
                 },
             }

@@ -1,6 +1,6 @@
 """What a training run depends on: :class:`TrainConfig`, checked before any process starts.
 
-How the step is split (mesh, schedule, micro-batches, recomputation, dtype) is the one
+How the step is split (mesh, schedule, micro-batches, recomputation, dtype, precision) is the one
 :class:`plait.config.ParallelConfig` that every command shares; the rest is the run's own.
 
 Example::
@@ -19,7 +19,7 @@ from plait.models.source import resolve_model
 
 __all__ = ["TrainConfig", "lr_at", "TRAIN_DTYPES"]
 
-# Compute dtypes training runs in (a whole-model cast); fp16 needs loss scaling, not built yet.
+# Dtypes training casts the whole model to; fp16 needs loss scaling: --precision fp16-mixed.
 TRAIN_DTYPES = ("fp32", "fp64", "bf16")
 
 
@@ -48,6 +48,10 @@ class TrainConfig:
     data: str | None = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     zero1: bool = False
+    # fp16-mixed's dynamic loss scaling (plait.train.precision.LossScaler)
+    loss_scale: float = 2.0**16  # the initial scale
+    loss_scale_window: int = 1000  # finite steps in a row before the scale doubles
+    fsdp: bool = False  # shard params, grads, optimizer state over dp (plait.train.fsdp)
     # outputs and fault tolerance
     metrics_out: str | None = None
     trace_out: str | None = None
@@ -103,8 +107,15 @@ class TrainConfig:
             raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout}")
         if pc.dtype not in TRAIN_DTYPES:
             raise ValueError(
-                f"--dtype {pc.dtype!r} cannot train yet (no loss scaling); use one of "
-                f"{list(TRAIN_DTYPES)}"
+                f"--dtype {pc.dtype!r} cannot train as a whole-model cast (no loss scaling); use "
+                f"one of {list(TRAIN_DTYPES)}, or --precision fp16-mixed (fp16 compute, float32 "
+                f"master weights, dynamic loss scaling)"
+            )
+        if not (0 < self.loss_scale < math.inf):
+            raise ValueError(f"--loss-scale must be a positive number, got {self.loss_scale!r}")
+        if not isinstance(self.loss_scale_window, int) or self.loss_scale_window < 1:
+            raise ValueError(
+                f"--loss-scale-window must be an integer >= 1, got {self.loss_scale_window!r}"
             )
         if pc.recompute == "selective":
             raise ValueError(
@@ -150,6 +161,10 @@ class TrainConfig:
                 f"--layers applies to presets and hf: models, not to {self.model!r} (a function "
                 f"builds the depth it wants)"
             )
+        if self.fsdp:
+            from plait.train.fsdp import check_fsdp
+
+            check_fsdp(self)
         if pc.pp > 1 or pc.tp > 1:  # the split is checked on the model itself (loads torch)
             from plait.train.parts import validate_parallel
 

@@ -29,6 +29,7 @@ from torch import nn
 from plait import comm
 from plait.mesh import new_group
 from plait.tensor.state import is_tp_sharded
+from plait.train.fsdp import local
 
 __all__ = ["GradSync", "clip_grad_norm"]
 
@@ -156,13 +157,16 @@ def clip_grad_norm(
     tp_rank: int = 0,
     pp_group: dist.ProcessGroup | None = None,
     not_here: Iterable[nn.Parameter] = (),
+    dp_group: dist.ProcessGroup | None = None,
 ) -> float:
     """Clip gradients in place by the global norm over all shards and stages; returns the norm.
 
     Sharded parameters (:func:`is_tp_sharded`) contribute their squares on every tensor rank;
     replicated ones only on tensor rank 0, so nothing is counted twice. ``not_here``: parameters
     another pipeline rank counts (the copy of a tied embedding on the last stage); they are
-    clipped but not counted here. A parameter given twice is counted once.
+    clipped but not counted here. A parameter given twice is counted once. ``dp_group``: the
+    group the gradients are sharded over (FSDP's DTensor gradients): each rank counts its own
+    shard, and the squares are summed over it too.
     """
     skip = {id(p) for p in not_here}
     params = list({id(p): p for p in params if p.grad is not None}.values())
@@ -172,20 +176,20 @@ def clip_grad_norm(
     for p in params:
         if id(p) in skip:
             continue
-        sq = p.grad.detach().double().pow(2).sum()
+        sq = local(p.grad.detach()).double().pow(2).sum()
         if is_tp_sharded(p):
             sharded += sq
         else:
             replicated += sq
     total = sharded + (replicated if tp_rank == 0 else 0.0)
-    for group in (tp_group, pp_group):
+    for group in (tp_group, pp_group, dp_group):
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(total, group=group)
     norm = total.sqrt().item()
     if max_norm and norm > max_norm:
         scale = torch.tensor(max_norm / (norm + 1e-6), dtype=dtype)
         for p in params:
-            p.grad.mul_(scale)
+            local(p.grad).mul_(scale)
     return norm
 
 
@@ -225,4 +229,5 @@ class TiedGrads:
         for p in self.pairs:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-            comm.all_reduce(p.grad, self.group, axis="pp", phase="backward")
+            # an FSDP gradient: both ranks hold the same dp shard of it
+            comm.all_reduce(local(p.grad), self.group, axis="pp", phase="backward")

@@ -7,7 +7,8 @@ Face directory's weights, a user's function), loads a checkpoint when resuming, 
 its own part (:mod:`plait.train.parts`), and then for each step
 
 1. takes its data-parallel slice of the global batch (batches depend only on seed and step),
-2. runs forward and backward over the micro-batches (a pipeline schedule when ``pp > 1``),
+2. runs forward and backward over the micro-batches (a pipeline schedule when ``pp > 1``), under
+   autocast for a mixed ``--precision`` (:mod:`plait.train.precision`; fp16 scales the loss),
 3. averages gradients over the dp group (bucketed, overlapped with backward), and sums a tied
    embedding's gradients over the two pipeline ranks that hold it,
 4. clips by the global norm over all shards, and steps AdamW with a warmup + cosine schedule.
@@ -35,9 +36,11 @@ from plait.models.layout import tied_parameter_names
 from plait.progress import progress_bar
 from plait.train.checkpoint import check_checkpoint_dir, load_state, save_state
 from plait.train.config import TrainConfig, lr_at
+from plait.train.fsdp import state_bytes
 from plait.train.grads import GradSync, TiedGrads, clip_grad_norm
 from plait.train.metrics import busy, gather_record, mean_over, open_metrics, write_timeline
 from plait.train.parts import build_local
+from plait.train.precision import Precision, scale_loss
 from plait.train.resume import check_compatible, choose_checkpoint, model_shapes, run_settings
 from plait.train.zero import ZeroAdamW
 
@@ -127,6 +130,7 @@ def checkpoint_record(cfg: TrainConfig, source) -> dict:
         "kind": source.kind,
         "n_layers": n_layers,
         "dtype": pc.dtype,
+        "precision": pc.precision,
         "mesh": {"dp": pc.dp, "pp": pc.pp, "tp": pc.tp},
         "seed": cfg.seed,
         "run": run_settings(cfg, source),
@@ -149,7 +153,12 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
     if resume_from is not None:  # verified by train(); the model itself checked here too
         check_compatible(resume_from, cfg, source, full_shapes)
     tied = tied_parameter_names(full)
+    precision = Precision(pc.precision, cfg.loss_scale, cfg.loss_scale_window)
+    precision.check_masters(full.parameters())
     local = build_local(full, mesh, cfg, source)  # shards `full` in place
+    scaler = precision.scaler  # fp16-mixed: dynamic loss scaling
+    if scaler is not None:
+        scale_loss(local, lambda: scaler.scale)
     params = local.params  # original full-model name -> this rank's (possibly sharded) parameter
     del full
     # A tied matrix may be here under two names (first and last stage on one rank): one tensor
@@ -176,12 +185,19 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
 
     if resume_from is not None:
         start_step = load_state(resume_from, params, full_shapes, opt, mesh, owns, verify=False)
-    sync = GradSync(unique.values(), mesh.group("dp"), uses=uses)
+        from plait.train.store import checkpoint_meta
+
+        saved = checkpoint_meta(resume_from).get("values", {})
+        if scaler is not None and "loss_scale" in saved:
+            scaler.load_state_dict(saved)
+    # FSDP reduce-scatters gradients itself, in each backward: no all-reduce of them here.
+    sync = GradSync(unique.values(), None if cfg.fsdp else mesh.group("dp"), uses=uses)
     out = open_metrics(cfg.metrics_out, start_step) if rank0 and cfg.metrics_out else None
     history: list[dict] = []
     local_batch = cfg.batch_size // pc.dp
     tokens = cfg.batch_size * cfg.seq_len
     timeline = None
+    device = next(iter(unique.values())).device.type if unique else "cpu"
     try:
         with progress_bar(
             cfg.steps - start_step, f"train {cfg.model}", rank0 and cfg.progress
@@ -198,11 +214,17 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                 heartbeat.beat("forward/backward")
                 t0 = time.perf_counter()
                 sync.prepare(accumulations=pc.num_microbatches)
-                loss = local.step(x[rows], y[rows])
+                scale = scaler.scale if scaler is not None else None
+                with precision.autocast(device):  # forward and backward (precision.py)
+                    loss = local.step(x[rows], y[rows])
+                if scale is not None:
+                    loss /= scale  # a power of two: the loss as an unscaled run reports it
                 t1 = time.perf_counter()
                 heartbeat.beat("wait all-reduce gradients")
                 sync.finish()
                 tied_grads.reduce()
+                if scaler is not None:
+                    scaler.unscale_(unique.values())  # after the fp32 sums, before clipping
                 t2 = time.perf_counter()
                 heartbeat.beat("clip gradients")
                 norm = clip_grad_norm(
@@ -212,15 +234,22 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                     mesh.tp_rank,
                     mesh.group("pp"),
                     not_here=tied_grads.not_here,
+                    dp_group=mesh.group("dp") if cfg.fsdp else None,
                 )
                 loss = mean_over(loss, mesh.group("dp"))
-                if not (math.isfinite(loss) and math.isfinite(norm)):
+                finite = math.isfinite(loss) and math.isfinite(norm)  # the same on every rank
+                if not finite and (scaler is None or scaler.at_floor):
+                    floor = f" at the smallest loss scale {scale}" if scaler is not None else ""
                     raise NonFiniteError(
-                        f"step {step}: loss {loss}, gradient norm {norm}: not finite; stopped "
-                        "before the optimizer step (lower --lr, or --grad-clip; --resume "
+                        f"step {step}: loss {loss}, gradient norm {norm}: not finite{floor}; "
+                        "stopped before the optimizer step (lower --lr, or --grad-clip; --resume "
                         "restarts from the last checkpoint)"
                     )
-                opt.step()
+                # fp16: an overflow skips the step and halves the scale
+                skipped = scaler.update(finite) if scaler is not None else False
+                if not skipped:
+                    opt.step()
+                held = state_bytes(unique.values(), opt, sync._flat.values())
                 opt.zero_grad(set_to_none=True)
                 t3 = time.perf_counter()
                 dt = time.perf_counter() - t0
@@ -236,9 +265,11 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                     "phase_s": phases,
                     "lr": lr_at(cfg, step),
                     "grad_norm": norm,
+                    **({"loss_scale": scale, "skipped": skipped} if scaler is not None else {}),
                     "comm_bytes": {a: comm.stats.bytes(axis=a) for a in ("dp", "pp", "tp")},
                     "busy": busy(timeline),
                     "peak_rss_mb": peak_rss_mb(),
+                    "state_bytes": held,
                     "rss_at_start_mb": rss_at_start,
                 }
                 record = gather_record(record, mesh)
@@ -253,7 +284,10 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                 every = cfg.checkpoint_every
                 if cfg.checkpoint_dir and (done == cfg.steps or (every and done % every == 0)):
                     heartbeat.beat("save checkpoint", watched=False)
-                    save_state(cfg.checkpoint_dir, done, params, full_shapes, opt, mesh, owns, meta)
+                    extra = scaler.state_dict() if scaler is not None else None
+                    save_state(
+                        cfg.checkpoint_dir, done, params, full_shapes, opt, mesh, owns, meta, extra
+                    )
     finally:
         if out:
             out.close()

@@ -58,6 +58,7 @@ def gather_record(record: dict, mesh: Mesh) -> dict:
         "comm": record["comm_bytes"],
         "time": record["step_time_s"],
         "busy": record.pop("busy"),
+        "state": record.pop("state_bytes", 0),
     }
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         parts: list[dict] = [None] * dist.get_world_size()  # type: ignore[list-item]
@@ -66,6 +67,8 @@ def gather_record(record: dict, mesh: Mesh) -> dict:
         parts = [mine]
     record["peak_rss_mb_per_rank"] = [p["rss"] for p in parts]
     record["peak_rss_growth_mb_per_rank"] = [p["growth"] for p in parts]
+    # parameters + gradients + optimizer state held after the step (local shards, bytes)
+    record["state_bytes_per_rank"] = [p["state"] for p in parts]
     record["comm_bytes"] = {k: sum(p["comm"][k] for p in parts) for k in mine["comm"]}
     record["step_time_s"] = max(p["time"] for p in parts)  # the step ends when the slowest does
     busy = sum(p["busy"][0] for p in parts)

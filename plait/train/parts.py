@@ -139,8 +139,25 @@ def _checkpoint_blocks(model: nn.Module) -> None:
         block.forward = lambda *a, inner=inner, **k: checkpoint(inner, *a, use_reentrant=False, **k)
 
 
+def _check_unshared(stages: dict[int, nn.Module]) -> None:
+    """FSDP manages each parameter in one unit: two of this rank's stages sharing one (a tied
+    embedding on the first and last stage of a V-shaped schedule) cannot both be sharded."""
+    seen: dict[int, int] = {}
+    for s, stage in stages.items():
+        for name, p in stage.named_parameters():
+            if seen.setdefault(id(p), s) != s:
+                raise ValueError(
+                    f"--fsdp: stages {seen[id(p)]} and {s} on this rank share parameter {name!r}; "
+                    f"FSDP shards each parameter in one unit: choose a schedule that places them "
+                    f"on different ranks"
+                )
+
+
 def build_local(full: nn.Module, mesh: Mesh, cfg, source) -> LocalModel:
     """This rank's :class:`LocalModel` for the mesh and config (shards ``full`` in place)."""
+    fsdp = getattr(cfg, "fsdp", False)  # each unit fully sharded over dp (plait.train.fsdp)
+    if fsdp:
+        from plait.train.fsdp import shard_over_dp
     cfg = cfg.parallel
     recompute = cfg.recompute == "full"
     tp = mesh.size("tp")
@@ -151,7 +168,10 @@ def build_local(full: nn.Module, mesh: Mesh, cfg, source) -> LocalModel:
             parallelize(full, mesh, sequence_parallel=cfg.sequence_parallel)
         if recompute:
             _checkpoint_blocks(full)
-        return WholeModel(full, cfg.num_microbatches, _loss_for(full, tp, source))
+        loss_fn = _loss_for(full, tp, source)
+        if fsdp:
+            shard_over_dp(full, mesh)
+        return WholeModel(full, cfg.num_microbatches, loss_fn)
 
     from plait.pipeline import PipelineRuntime, build_schedule, partition
 
@@ -166,5 +186,22 @@ def build_local(full: nn.Module, mesh: Mesh, cfg, source) -> LocalModel:
     last = schedule.num_stages - 1
     # Only the last stage's rank computes the loss; the others are given the plain one.
     loss_fn = _loss_for(stages.get(last, full), tp if last in stages else 1, source)
-    runtime = PipelineRuntime(stages, schedule, mesh, loss_fn, checkpoint=recompute)
+    if fsdp:
+        _check_unshared(stages)
+        for stage in stages.values():
+            shard_over_dp(stage, mesh)
+    extra = {}
+    if fsdp:
+        import inspect
+
+        # FSDP's hooks reduce-scatter what autograd accumulates: the runtime must not split a
+        # BW into B and W (its W forms weight gradients outside autograd) to send early
+        if "early_send" in inspect.signature(PipelineRuntime).parameters:
+            extra["early_send"] = False
+    runtime = PipelineRuntime(stages, schedule, mesh, loss_fn, checkpoint=recompute, **extra)
+    if fsdp and any(runtime._deferred.values()):
+        raise RuntimeError(
+            "--fsdp: the pipeline runtime defers weight gradients of some stages to a W step "
+            "outside autograd, which FSDP cannot reduce-scatter; run a schedule without W"
+        )
     return PipelinePart(runtime, stages)

@@ -34,6 +34,7 @@ SETTINGS = (
     "seq_len",
     "data",
     "dtype",
+    "precision",
 )
 
 
@@ -43,8 +44,10 @@ def run_settings(cfg, source) -> dict:
     data = cfg.data
     if data is not None and Path(data).exists():
         data = str(Path(data).resolve())
-    out = {k: getattr(cfg, k) for k in SETTINGS if k not in ("model", "dtype", "data")}
-    return {**out, "model": name, "data": data, "dtype": cfg.parallel.dtype}
+    parallel = ("dtype", "precision")  # ParallelConfig's
+    out = {k: getattr(cfg, k) for k in SETTINGS if k not in ("model", "data", *parallel)}
+    out.update({k: getattr(cfg.parallel, k) for k in parallel})
+    return {**out, "model": name, "data": data}
 
 
 def model_shapes(cfg, source) -> dict[str, tuple[int, ...]] | None:
