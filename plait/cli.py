@@ -44,17 +44,6 @@ def _add_train(sub) -> None:
     mesh = p.add_argument_group("how the step is split (world = dp x pp x tp local workers)")
     add_parallel_flags(mesh, TRAIN_PARALLEL_FLAGS)
     mesh.add_argument(
-        "--zero1",
-        action="store_true",
-        help="shard optimizer state over the dp replicas (ZeRO stage 1)",
-    )
-    mesh.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="shard parameters, gradients and optimizer state over the dp replicas (PyTorch "
-        "FSDP2 fully_shard; each pipeline stage a unit); not with --zero1",
-    )
-    mesh.add_argument(
         "--loss-scale",
         type=float,
         default=2.0**16,
@@ -129,6 +118,8 @@ TRAIN_PARALLEL_FLAGS = [
     "sequence_parallel",
     "dtype",
     "precision",
+    "zero1",
+    "fsdp",
 ]
 
 

@@ -2,7 +2,8 @@
 
 What it holds is *how* a step is split, not what is trained: the mesh ``world = dp x pp x tp``,
 the pipeline schedule (with its aliases and default number of virtual chunks), the micro-batches,
-what is recomputed, sequence parallelism and the compute dtype. Every command builds one
+what is recomputed, sequence parallelism, what data parallelism shards (ZeRO-1 or FSDP), the dtype
+and the precision. Every command builds one
 :class:`ParallelConfig`; the command-line flags for these fields are generated from the fields'
 metadata here (:func:`add_parallel_flags`), so names, choices, help and defaults cannot drift
 apart between commands. This module imports no torch.
@@ -175,6 +176,11 @@ class ParallelConfig:
             ``layers``, ``params``, ``time`` or a tuple of blocks per stage.
         schedule_costs: relative durations ``(F, B, W)`` the list-scheduling generators order by;
             None means equal.
+        zero1: shard the optimizer state over the dp replicas (ZeRO stage 1).
+        fsdp: shard parameters, gradients and optimizer state over the dp replicas (ZeRO-3, with
+            PyTorch's FSDP2 ``fully_shard``; :mod:`plait.train.fsdp`). Needs ``dp >= 2``, excludes
+            ``zero1`` and schedules that split the backward (their W step forms weight gradients
+            outside autograd, where FSDP cannot reduce-scatter them).
 
     Raises:
         ValueError: naming the first field that is out of range, and what would be valid.
@@ -250,6 +256,17 @@ class ParallelConfig:
             metavar="F,B,W",
         ),
     )
+    zero1: bool = field(
+        default=False,
+        metadata=_flag("shard optimizer state over the dp replicas (ZeRO stage 1)"),
+    )
+    fsdp: bool = field(
+        default=False,
+        metadata=_flag(
+            "shard parameters, gradients and optimizer state over the dp replicas (PyTorch FSDP2 "
+            "fully_shard: each block a unit); not with --zero1"
+        ),
+    )
 
     def __post_init__(self) -> None:
         def put(name: str, value) -> None:
@@ -301,6 +318,32 @@ class ParallelConfig:
         if self.tp == 1:
             put("sequence_parallel", False)
         put("schedule_costs", check_schedule_costs(self.schedule_costs))
+        self._check_sharding()
+
+    def _check_sharding(self) -> None:
+        if self.fsdp and self.zero1:
+            raise ValueError(
+                "--fsdp and --zero1 are exclusive: FSDP already shards the optimizer state (with "
+                "the parameters and gradients); choose one"
+            )
+        if self.fsdp and self.dp < 2:
+            raise ValueError(
+                f"--fsdp shards over the data-parallel replicas: needs --dp >= 2, got {self.dp}"
+            )
+        spec = SCHEDULE_SPECS.get(self.schedule)
+        if self.fsdp and spec is not None and spec.split_backward:
+            ok = [s.name for s in _SPECS if not s.split_backward]
+            raise ValueError(
+                f"--fsdp cannot run schedule {self.schedule!r}: its split backward (B, then W) "
+                f"forms weight gradients outside autograd, where FSDP cannot reduce-scatter them; "
+                f"use one of {ok}"
+            )
+
+    @property
+    def dp_shard(self) -> str:
+        """What data parallelism shards: ``none``, ``zero1`` (optimizer state) or ``fsdp``
+        (parameters, gradients and optimizer state)."""
+        return "fsdp" if self.fsdp else "zero1" if self.zero1 else "none"
 
     @property
     def world_size(self) -> int:
@@ -331,8 +374,9 @@ class ParallelConfig:
     def label(self) -> str:
         sched = self.schedule + (f"/v{self.virtual}" if self.schedule == "interleaved-1f1b" else "")
         sp = "+sp" if self.sequence_parallel else ""
+        shard = "" if self.dp_shard == "none" else f"+{self.dp_shard}"
         return (
-            f"dp{self.dp} tp{self.tp}{sp} pp{self.pp} {sched} mb{self.microbatch_size}x"
+            f"dp{self.dp}{shard} tp{self.tp}{sp} pp{self.pp} {sched} mb{self.microbatch_size}x"
             f"{self.num_microbatches} rc:{self.recompute}"
         )
 

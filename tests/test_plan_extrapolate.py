@@ -122,7 +122,10 @@ def test_search_options_cover_every_schedule_spec():
 
 @pytest.fixture(scope="module")
 def res70b():
-    return search(get_model("llama2-70b"), get_hardware("h100-sxm"), 64, 512, simulate_top=3)
+    # a pipeline's schedules to compare: FSDP (within a few % of the best here, with pp=1) is
+    # left out
+    model, hw = get_model("llama2-70b"), get_hardware("h100-sxm")
+    return search(model, hw, 64, 512, simulate_top=3, dp_shards=["none", "zero1"])
 
 
 def test_search_ranks_only_simulated_and_compares_every_schedule(res70b):

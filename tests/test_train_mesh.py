@@ -293,6 +293,17 @@ def test_bf16_mixed_mesh_tracks_single_process(corpus, single_bf16, mesh):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mesh", [(2, 1, 1), (2, 2, 1)], ids=str)
+def test_bf16_mixed_fsdp_tracks_single_process(corpus, single_bf16, mesh):
+    # FSDP2's MixedPrecisionPolicy: bf16 gathers over float32 shards, float32 reduce-scatters
+    dp, pp, _ = mesh
+    kw = dict(steps=6, precision="bf16-mixed", dp=dp, pp=pp, num_microbatches=2, fsdp=True)
+    hist = train(cfg(corpus, **kw))
+    assert_close(losses(hist), single_bf16, rtol=MIXED_RTOL)
+    assert hist[0]["comm_bytes"]["dp"] > 0
+
+
+@pytest.mark.slow
 def test_bf16_mixed_split_backward_schedule_tracks_single_process(corpus, single_bf16):
     # zero bubble: the deferred weight gradients (W) are formed in bf16 into float32 masters
     kw = dict(steps=6, precision="bf16-mixed", pp=2, schedule="zb-h1", num_microbatches=4)
@@ -313,6 +324,16 @@ def test_fp16_mixed_mesh_skips_overflowing_steps_and_recovers(corpus):
             assert nxt["loss_scale"] == r["loss_scale"] / 2
         else:
             assert nxt["loss_scale"] in (r["loss_scale"], 2 * r["loss_scale"])
+    assert sum(not r["skipped"] for r in hist) >= 3
+    assert all(math.isfinite(r["loss"]) for r in hist)
+    assert hist[-1]["loss"] < hist[0]["loss"] - 0.3, losses(hist)
+
+
+@pytest.mark.slow
+def test_fp16_mixed_fsdp_skips_overflowing_steps_and_recovers(corpus):
+    kw = dict(steps=8, precision="fp16-mixed", loss_scale=2.0**20, loss_scale_window=2)
+    hist = train(cfg(corpus, dp=2, fsdp=True, num_microbatches=2, **kw))
+    assert hist[0]["skipped"] and hist[0]["loss_scale"] == 2.0**20
     assert sum(not r["skipped"] for r in hist) >= 3
     assert all(math.isfinite(r["loss"]) for r in hist)
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.3, losses(hist)

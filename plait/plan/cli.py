@@ -49,10 +49,23 @@ def add_plan_parser(sub) -> None:
     )
     p.add_argument("--seq-len", type=int, default=None, help="default: the model's")
     # one configuration to evaluate (all of --dp --tp --pp --microbatch-size), or fixed choices
-    # for the search; dtype defaults to bf16 (fp32 on --hardware local)
+    # for the search; precision defaults to bf16-mixed over fp32 masters (fp32 on --hardware
+    # local); --zero1 / --fsdp force that sharding, --no-zero1 / --no-fsdp leave it out
     add_parallel_flags(
         p,
-        ["dtype", "dp", "tp", "pp", "microbatch_size", "schedule", "virtual", "recompute"],
+        [
+            "dtype",
+            "precision",
+            "dp",
+            "tp",
+            "pp",
+            "microbatch_size",
+            "schedule",
+            "virtual",
+            "recompute",
+            "zero1",
+            "fsdp",
+        ],
         search=True,
     )
     p.add_argument(
@@ -182,6 +195,27 @@ def _check_split(args, model) -> None:
             )
 
 
+def _precision(args) -> tuple[str, str]:
+    """``(dtype, precision)``: as given, else bf16 mixed precision (fp32 on --hardware local)."""
+    from plait.plan.search import resolve_precision
+
+    if args.hardware == "local" and args.dtype is None and args.precision is None:
+        return "fp32", "fp32"
+    return resolve_precision(args.dtype, args.precision)
+
+
+def _dp_shards(args) -> list[str]:
+    """What the search may shard over dp: --fsdp or --zero1 forces one, --no-... drops it."""
+    from plait.plan.search import DP_SHARDS
+
+    if args.fsdp and args.zero1:
+        raise ValueError("--fsdp and --zero1 are exclusive: choose one")
+    for name in ("fsdp", "zero1"):
+        if getattr(args, name):
+            return [name]
+    return [s for s in DP_SHARDS if getattr(args, s, None) is not False]
+
+
 def _given_config(args, model, hw, seq, dtype, flash):
     from plait.plan.evaluate import evaluate
 
@@ -202,7 +236,10 @@ def _given_config(args, model, hw, seq, dtype, flash):
             virtual=args.virtual,
             recompute=rc,
             sequence_parallel=sp,
-            dtype=dtype,
+            dtype=dtype[0],
+            precision=dtype[1],
+            zero1=bool(args.zero1),
+            fsdp=bool(args.fsdp),
         )
         est = evaluate(model, hw, cfg, seq, simulate=True, flash_attention=flash)
         if est.fits:
@@ -223,12 +260,14 @@ def _cmd_plan(args) -> int:
     if not args.inference:
         _check_split(args, model)
     hw = get_hardware(args.hardware, refresh=args.recalibrate)
-    dtype = args.dtype or ("fp32" if args.hardware == "local" else "bf16")
+    dtype = _precision(args)
+    shards = _dp_shards(args)
     seq = model.seq_len
     flash = not args.no_flash
     if args.inference:
+        compute = ParallelConfig(dtype=dtype[0], precision=dtype[1]).compute_dtype
         res = plan_inference(
-            model, hw, args.gpus, args.rate, args.latency, args.prompt_len, args.output_len, dtype
+            model, hw, args.gpus, args.rate, args.latency, args.prompt_len, args.output_len, compute
         )
         if args.json:
             print(
@@ -248,7 +287,9 @@ def _cmd_plan(args) -> int:
         seq,
         recompute=[args.recompute] if args.recompute else None,
         sequence_parallel=args.sequence_parallel,
-        dtype=dtype,
+        dtype=dtype[0],
+        precision=dtype[1],
+        dp_shards=shards,
         flash_attention=flash,
         keep=max(args.top, 10),
         simulate_top=max(args.top, 6),

@@ -14,7 +14,7 @@ the network.
 
 Example::
 
-    cfg = ParallelConfig(tp=8, dtype="bf16")
+    cfg = ParallelConfig(tp=8, precision="bf16-mixed")
     cm = CostModel(get_model("llama3-8b"), get_hardware("h100-sxm"), cfg, seq=8192)
     cm.compute("F", stage=0)       # seconds for one micro-batch's forward of stage 0
     cm.dp_allreduce_time()
@@ -65,10 +65,13 @@ class CostModel:
         self.model, self.hw, self.cfg = model, hw, cfg
         self.seq = seq or model.seq_len
         self.flash = flash_attention
-        if cfg.dtype not in DTYPE_BYTES:
-            raise ValueError(f"dtype {cfg.dtype!r} is not one of {sorted(DTYPE_BYTES)}")
-        hw.flops(cfg.dtype)  # raises if the hardware has no figure for this dtype
-        self.dtype_bytes = DTYPE_BYTES[cfg.dtype]
+        for dt in (cfg.dtype, cfg.compute_dtype):
+            if dt not in DTYPE_BYTES:
+                raise ValueError(f"dtype {dt!r} is not one of {sorted(DTYPE_BYTES)}")
+        self.compute_dtype = cfg.compute_dtype
+        hw.flops(self.compute_dtype)  # raises if the hardware has no figure for this dtype
+        self.dtype_bytes = DTYPE_BYTES[self.compute_dtype]  # activations, boundaries, tp
+        self.master_bytes = DTYPE_BYTES[cfg.dtype]  # weights, gradients (and their reduction)
         self.mesh = MeshShape(dp=cfg.dp, pp=cfg.pp, tp=cfg.tp)
         # Stage s lives where the schedule's generator places it (round-robin, or a V).
         self.stage_rank = stage_to_rank_for(cfg.schedule, cfg.pp, cfg.virtual)
@@ -108,7 +111,7 @@ class CostModel:
 
     # ------------------------------------------------------------------ per layer
     def _gemm_time(self, tokens: int) -> float:
-        m, t, hw, dt = self.model, self.cfg.tp, self.hw, self.cfg.dtype
+        m, t, hw, dt = self.model, self.cfg.tp, self.hw, self.compute_dtype
         h, f = m.hidden, m.ffn
         kv = max(m.kv_dim / t, m.head_dim)  # fewer kv heads than ranks: each rank keeps one
         gemms = [
@@ -123,7 +126,7 @@ class CostModel:
         flops = 4.0 * tokens * self.seq * self.model.hidden / self.cfg.tp
         if self.flash:
             flops /= 2  # causal: fused kernels skip the masked half
-        return flops / self.hw.attn_rate(self.cfg.dtype)
+        return flops / self.hw.attn_rate(self.compute_dtype)
 
     def _elementwise_bytes(self, b: int) -> float:
         m = self.model
@@ -184,7 +187,45 @@ class CostModel:
             elem = self._elementwise_bytes(self.cfg.microbatch_size) / self.hw.memory_bandwidth
             bwd += self._scaled((attn, elem * 0.5))  # the attention core and its softmax again
         s = self.slowdown
-        return {"F": f * s, "B": bwd * s, "W": w * s, "comm_F": comm * s, "comm_B": comm * s}
+        gather, scatter = self.fsdp_times(self.layer_params())
+        # FSDP2 gathers the next block while this one computes (its own streams on a GPU); on
+        # CPU cores that also compute, or past the compute it hides behind, it adds up.
+        fsdp_f, fsdp_b = self._exposed(gather, f), self._exposed(gather + scatter, bwd + w)
+        return {
+            "F": (f + fsdp_f) * s,
+            "B": (bwd + fsdp_b) * s,
+            "W": w * s,
+            "comm_F": comm * s,
+            "comm_B": comm * s,
+            "fsdp": (fsdp_f + fsdp_b) * s,
+        }
+
+    # ------------------------------------------------------------------ FSDP
+    @property
+    def gather_bytes(self) -> int:
+        """Bytes per parameter FSDP gathers: the compute dtype under mixed precision (FSDP2's
+        ``param_dtype``), else the parameters' own."""
+        return self.dtype_bytes if self.cfg.precision != "fp32" else self.master_bytes
+
+    def fsdp_times(self, params: float) -> tuple[float, float]:
+        """Seconds of FSDP's all-gather of ``params`` (one unit on one tensor rank) and of the
+        reduce-scatter of their gradients (in ``dtype``: float32 for mixed precision) over dp;
+        zero without FSDP."""
+        if not self.cfg.fsdp:
+            return 0.0, 0.0
+        n, link = self.cfg.dp, self.dp_link
+        out = []
+        for per_param in (self.gather_bytes, self.master_bytes):
+            nbytes = params * per_param
+            t = link.all_gather_time(nbytes, n)
+            if self.hw.shared_cores:  # copy-in and copy-out pass over the bytes on the cores
+                t += 2 * nbytes / self.hw.memory_bandwidth
+            out.append(t)
+        return out[0], out[1]
+
+    def _exposed(self, comm: float, compute: float) -> float:
+        """What of ``comm`` overlapping ``compute`` shows: all of it on shared CPU cores."""
+        return comm if self.hw.shared_cores else max(0.0, comm - compute)
 
     # ------------------------------------------------------------------ per stage
     def head_parts(self) -> dict[str, tuple[float, float]]:
@@ -198,7 +239,7 @@ class CostModel:
             * m.hidden
             * m.vocab
             / t
-            / self.hw.gemm_rate(min(m.hidden, m.vocab / t), self.cfg.dtype)
+            / self.hw.gemm_rate(min(m.hidden, m.vocab / t), self.compute_dtype)
         )
         elem = 3 * m.logits_bytes(self.seq, b, t) / self.hw.memory_bandwidth
         return {"F": (gemm, elem), "B": (gemm, elem), "W": (gemm, 0.0)}
@@ -238,9 +279,20 @@ class CostModel:
             if s == last:
                 for k in d:
                     d[k] += head[k] * self.slowdown
+            # FSDP's root unit (embeddings, final norm, head) is gathered before the stage's
+            # first block and reduce-scattered after its backward: nothing to hide behind.
+            gather, scatter = self.fsdp_times(self.root_params(s))
+            d["F"] += gather * self.slowdown
+            d["B"] += scatter * self.slowdown
+            d["fsdp"] = n * lt["fsdp"] + (gather + scatter) * self.slowdown
             d["BW"] = d["B"] + d["W"]
             out.append(d)
         return out
+
+    def fsdp_time(self, rank: int) -> float:
+        """Seconds per micro-batch that FSDP's collectives add to pipeline rank ``rank``."""
+        st = self._stage_times
+        return sum(st[s]["fsdp"] for s, r in enumerate(self.stage_rank) if r == rank)
 
     def compute(self, kind: str, stage: int, microbatch: int = 0) -> float:
         """Seconds of compute action ``kind`` (F, B, W, BW) of ``stage`` for one micro-batch."""
@@ -291,24 +343,43 @@ class CostModel:
         return self.hw.p2p_blocks_compute
 
     # ------------------------------------------------------------------ per device
+    def layer_params(self) -> float:
+        """Parameters of one block on one tensor-parallel rank (matrices and column-parallel
+        biases split, norms and row-parallel biases whole)."""
+        m = self.model
+        rep = m.replicated_params_per_layer()
+        return (m.params_per_layer() - rep) / self.cfg.tp + rep
+
     def stage_params(self, stage: int) -> float:
         """Parameters of ``stage`` on one tensor-parallel rank."""
-        m = self.model
-        n = self.layers[stage] * m.params_per_layer()
+        return self.layers[stage] * self.layer_params() + self.root_params(stage)
+
+    def root_params(self, stage: int) -> float:
+        """Parameters of ``stage`` outside its blocks (FSDP's root unit) on one tensor-parallel
+        rank: the vocabulary split, a position table and the final norm whole."""
+        m, t = self.model, self.cfg.tp
+        n = 0.0
         if stage == 0:
-            n += m.embedding_params()
+            n += m.vocab * m.hidden / t + m.pos_embedding * m.hidden
         if stage == self.cfg.num_stages - 1:
-            n += m.head_params()
+            head = m.head_params()
+            norm = head - (0 if m.tied_embeddings else m.vocab * m.hidden)
+            n += norm + (head - norm) / t
             if m.tied_embeddings and self.cfg.num_stages > 1:
-                n += m.vocab * m.hidden  # the last stage keeps its own copy of the tied matrix
-        return n / self.cfg.tp
+                n += m.vocab * m.hidden / t  # the last stage keeps its own copy of the tied matrix
+        return n
 
     def rank_params(self, rank: int) -> float:
         return sum(self.stage_params(s) for s, r in enumerate(self.stage_rank) if r == rank)
 
     def dp_allreduce_time(self, rank: int = 0) -> float:
-        """Gradient all-reduce over the data-parallel group of pipeline rank ``rank``."""
-        nbytes = self.rank_params(rank) * self.dtype_bytes
+        """Gradient all-reduce over the data-parallel group of pipeline rank ``rank``, after the
+        pipeline drains, in ``dtype`` (ZeRO-1's reduce-scatter of gradients and all-gather of
+        parameters move the same bytes); zero with FSDP, which reduce-scatters in the
+        backward (:meth:`fsdp_times`)."""
+        if self.cfg.fsdp:
+            return 0.0
+        nbytes = self.rank_params(rank) * self.master_bytes
         t = self.dp_link.all_reduce_time(nbytes, self.cfg.dp)
         if self.hw.shared_cores and self.cfg.dp > 1:
             # On CPU the reduction and the bucket's two passes over the gradients (copying them
@@ -327,7 +398,8 @@ class CostModel:
         )
         if self.cfg.pp > 1:
             norms += self.pp_link(0, self.cfg.num_stages - 1).all_reduce_time(8, self.cfg.pp)
-        return (self.hw.optimizer_time(self.rank_params(rank)) + norms) * self.slowdown
+        shard = self.cfg.dp if self.cfg.dp_shard != "none" else 1  # ZeRO-1 and FSDP step 1/dp
+        return (self.hw.optimizer_time(self.rank_params(rank) / shard) + norms) * self.slowdown
 
     def step_flops_per_gpu(self) -> float:
         """Hardware FLOPs one device executes per step (recomputation included)."""

@@ -237,6 +237,7 @@ class Estimate:
     tokens_per_s: float
     method: str
     sim: SimResult | None = field(default=None, repr=False)
+    fsdp_comm_s: float = 0.0  # FSDP's all-gathers and reduce-scatters left exposed, per step
     schedule_costs: tuple[float, float, float] | None = None
 
     @property
@@ -260,6 +261,8 @@ class Estimate:
             "recompute": c.recompute,
             "sequence_parallel": c.sequence_parallel,
             "dtype": c.dtype,
+            "precision": c.precision,
+            "dp_shard": c.dp_shard,
             "step_time_s": self.step_time_s,
             "tflops_per_gpu": self.tflops_per_gpu,
             "mfu": self.mfu,
@@ -269,6 +272,7 @@ class Estimate:
             "tokens_per_s": self.tokens_per_s,
             "pipeline_time_s": self.pipeline_time_s,
             "dp_allreduce_s": self.dp_comm_s,
+            "fsdp_comm_s": self.fsdp_comm_s,
             "optimizer_s": self.optimizer_s,
             "tp_comm_share": self.tp_comm_share,
             "memory": self.memory.to_dict(),
@@ -468,7 +472,7 @@ def evaluate(
         optimizer_s=max(cm.optimizer_time(r) for r in range(cfg.pp)),
         bubble_fraction=bubble,
         tflops_per_gpu=flops / step / 1e12,
-        mfu=cm.model_flops_per_gpu() / step / hw.flops(cfg.dtype),
+        mfu=cm.model_flops_per_gpu() / step / hw.flops(cfg.compute_dtype),
         memory=mem,
         memory_limit=hw.usable_memory,
         tp_comm_share=tp_share,
@@ -477,4 +481,5 @@ def evaluate(
         method=method,
         schedule_costs=schedule_costs(cm),
         sim=sim,
+        fsdp_comm_s=max(cm.fsdp_time(r) for r in range(cfg.pp)) * cfg.num_microbatches,
     )

@@ -1,7 +1,11 @@
 """Memory per device: weights, gradients, optimizer states, activations in flight.
 
-Mixed-precision Adam keeps 16 bytes per parameter (16-bit weights and gradients, float32 master
-weights and two float32 moments; float32 training keeps 4 + 4 + 8, the same 16). Activations are
+The training state is what plait's trainer keeps (:func:`state_bytes_per_param`): parameters in
+``dtype`` (float32 masters under mixed precision, whose low-precision copies are transient),
+gradients in the same dtype, and AdamW's two moments: 16 bytes per parameter in float32 or mixed
+precision, 8 for a whole-model bf16 cast. ZeRO-1 divides the moments by ``dp``; FSDP divides all
+of it, and adds what it gathers while computing: the stage's root unit (embeddings, head), the
+block computing and the one prefetched, and one block's unsharded gradient. Activations are
 the per-layer bytes of :meth:`ModelSpec.activation_bytes_per_layer` times the layers of each stage
 times the micro-batches in flight, counted as the schedule validator counts them (from a stage's
 forward until its last backward action). Full recomputation also needs one layer's complete
@@ -9,7 +13,7 @@ activations while that layer is recomputed, and the last stage holds a micro-bat
 
 Example::
 
-    cm = CostModel(get_model("llama2-70b"), get_hardware("a100-80gb"), ParallelConfig(tp=8, dtype="bf16"))
+    cm = CostModel(get_model("llama2-70b"), get_hardware("a100-80gb"), ParallelConfig(tp=8, precision="bf16-mixed"))
     memory_per_device(cm, in_flight=[1.0]).total / 1e9   # GB on the busiest device
 """
 
@@ -17,11 +21,36 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from plait.config import ParallelConfig
 from plait.plan.cost import CostModel
+from plait.plan.hardware import DTYPE_BYTES
 
-__all__ = ["MemoryBreakdown", "memory_per_device", "analytic_in_flight", "BYTES_PER_PARAM"]
+__all__ = [
+    "MemoryBreakdown",
+    "memory_per_device",
+    "analytic_in_flight",
+    "state_bytes_per_param",
+    "training_state_bytes",
+]
 
-BYTES_PER_PARAM = 16
+
+def state_bytes_per_param(cfg: ParallelConfig) -> float:
+    """Bytes one unsharded parameter's training state takes: the parameter, its gradient and
+    AdamW's two moments, all in ``cfg.dtype`` (16 for float32 masters, 8 for a bf16 cast)."""
+    return 4 * DTYPE_BYTES[cfg.dtype]
+
+
+def training_state_bytes(params: float, cfg: ParallelConfig) -> float:
+    """Bytes of training state one data-parallel rank keeps for ``params`` parameters: all of it
+    (plain data parallel), the moments divided over ``dp`` (ZeRO-1), or everything divided over
+    ``dp`` (FSDP) -- what ``state_bytes_per_rank`` in ``plait train``'s metrics measures."""
+    total = params * state_bytes_per_param(cfg)
+    if cfg.fsdp:
+        return total / cfg.dp
+    if cfg.zero1:
+        moments = params * 2 * DTYPE_BYTES[cfg.dtype]
+        return total - moments + moments / cfg.dp
+    return total
 
 
 @dataclass(frozen=True)
@@ -83,10 +112,15 @@ def memory_per_device(cm: CostModel, in_flight: list[float]) -> MemoryBreakdown:
     last = cfg.num_stages - 1
     for r in range(cfg.pp):
         stages = [s for s, rr in enumerate(cm.stage_rank) if rr == r]
-        static = cm.rank_params(r) * BYTES_PER_PARAM
+        static = training_state_bytes(cm.rank_params(r), cfg)
         layers = sum(cm.layers[s] for s in stages) / len(stages)  # per chunk, on average
         acts = in_flight[r] * len(stages) * layers * cm.activation_bytes()
         transient = 0.0
+        if cfg.fsdp:
+            block = cm.layer_params()
+            root = sum(cm.root_params(s) for s in stages)
+            grad = cm.master_bytes + (cm.gather_bytes if cm.gather_bytes != cm.master_bytes else 0)
+            transient += (root + 2 * block) * cm.gather_bytes + block * grad
         if cfg.recompute == "full":
             transient += m.working_bytes_per_layer(
                 cm.seq, b, cfg.tp, cfg.sequence_parallel, cm.dtype_bytes

@@ -130,6 +130,17 @@ class ModelSpec:
             extra += (2 if self.gated_mlp else 1) * f + h
         return self.matmul_params_per_layer() + extra
 
+    def replicated_params_per_layer(self) -> int:
+        """Parameters of one block every tensor-parallel rank keeps whole: the norms and the
+        biases added after a row-parallel matrix (attention output, MLP output)."""
+        h = self.hidden
+        n = (4 if self.bias else 2) * h
+        if self._has("out_bias"):
+            n += h
+        if self._has("mlp_bias"):
+            n += h
+        return n
+
     def _has(self, which: str) -> bool:
         value = getattr(self, which)
         return self.bias if value is None else value

@@ -3,7 +3,7 @@
 Each row of Narayanan et al. 2021 (SC21) Table 1 gives a GPT model, its ``tp x pp`` on some number
 of DGX A100 GPUs and the measured TFLOP/s per GPU. The table omits the micro-batch size and the
 number of interleaved chunks, so :func:`predict_row` takes the fastest of those that fits, with
-the paper's settings otherwise: interleaved 1F1B, full recomputation, fp16, no sequence
+the paper's settings otherwise: interleaved 1F1B, full recomputation, fp16 mixed precision, no sequence
 parallelism, attention kernels that keep the ``seq x seq`` matrices.
 
 Example::
@@ -77,7 +77,7 @@ def _paper_configs(row: dict, model: ModelSpec):
                 schedule=sched,
                 virtual=v,
                 recompute="full",
-                dtype="fp16",
+                precision="fp16-mixed",
             )
 
 
@@ -105,7 +105,7 @@ def plan_row(row: dict, simulate_top: int = 4) -> Estimate:
         int(row["gpus"]),
         int(row["global_batch"]),
         int(row["seq_len"]),
-        dtype="fp16",
+        precision="fp16-mixed",
         flash_attention=False,
         simulate_top=simulate_top,
     )

@@ -4,7 +4,9 @@ The space: every ``dp x tp x pp`` that multiplies to the GPU count (tensor ranks
 attention heads, pipeline stages no more than layers), micro-batch sizes that divide each
 replica's share of the global batch, every schedule of :data:`plait.config.SCHEDULE_SPECS` (those
 with any number of chunks at 2, 4 and 8; GPipe only when asked, since it has 1F1B's bubble with
-more memory), recomputation and sequence parallelism. For each shape the cheapest recomputation
+more memory), what data parallelism shards (nothing, the optimizer state with ZeRO-1, or
+everything with FSDP: :data:`DP_SHARDS`), recomputation and sequence parallelism. For each shape
+and sharding the cheapest recomputation
 that fits memory is kept (none is fastest, then selective, then full), with the activations each
 schedule holds as its generator builds it (:func:`plait.plan.evaluate.schedule_in_flight`). Every
 candidate is costed by formula; the best few are then simulated on the real schedule (or
@@ -25,16 +27,30 @@ from dataclasses import dataclass, field, replace
 from plait.config import SCHEDULE_SPECS, ParallelConfig, resolve_schedule
 from plait.plan.evaluate import Estimate, evaluate
 from plait.plan.hardware import HardwareSpec
-from plait.plan.memory import BYTES_PER_PARAM
+from plait.plan.memory import state_bytes_per_param
 from plait.plan.model_spec import RECOMPUTE, ModelSpec
 
-__all__ = ["SearchResult", "search", "strategy_of", "STRATEGIES", "tp_problem", "valid_tp"]
+__all__ = [
+    "SearchResult",
+    "search",
+    "strategy_of",
+    "STRATEGIES",
+    "DP_SHARDS",
+    "tp_problem",
+    "valid_tp",
+    "resolve_precision",
+]
 
-STRATEGIES = ("data", "tensor", "pipeline", "tensor+pipeline")
+STRATEGIES = ("data", "fsdp", "tensor", "pipeline", "tensor+pipeline")
+# What data parallelism may shard (ParallelConfig.dp_shard): nothing, ZeRO-1, FSDP (ZeRO-3).
+DP_SHARDS = ("none", "zero1", "fsdp")
 
 
 def strategy_of(cfg: ParallelConfig) -> str:
-    """Which family a configuration belongs to (data parallel is always combined)."""
+    """Which family a configuration belongs to (data parallel is always combined; fully sharded
+    data parallel alone is its own family)."""
+    if cfg.tp == 1 and cfg.pp == 1 and cfg.fsdp:
+        return "fsdp"
     if cfg.tp > 1 and cfg.pp > 1:
         return "tensor+pipeline"
     if cfg.tp > 1:
@@ -86,7 +102,8 @@ class SearchResult:
     def best(self) -> Estimate:
         if not self.ranked:
             params = self.model.num_parameters()
-            state = params * BYTES_PER_PARAM
+            per_param = state_bytes_per_param(self.extra["precision_config"])
+            state = params * per_param
             usable = self.hw.usable_memory
             if state > self.gpus * usable:
                 # Weights, gradients and optimizer states alone exceed every GPU's memory put
@@ -94,7 +111,7 @@ class SearchResult:
                 need = math.ceil(state / usable)
                 hint = (
                     f"its weights, gradients and Adam states alone take {state / 1e9:,.0f} GB "
-                    f"({BYTES_PER_PARAM} bytes x {params / 1e9:.1f}B parameters) "
+                    f"({per_param:g} bytes x {params / 1e9:.1f}B parameters) "
                     f"against {self.gpus * usable / 1e9:,.0f} GB on all {self.gpus} GPUs; "
                     f"training needs at least {need} GPUs (more for activations), or serve it "
                     f"with --inference"
@@ -123,11 +140,13 @@ def search(
     schedules: list[str] | None = None,
     recompute: list[str] | None = None,
     sequence_parallel: bool | None = None,
-    dtype: str = "bf16",
+    dtype: str | None = None,
     flash_attention: bool = True,
     simulate_top: int = 6,
     keep: int = 10,
     max_microbatch: int = 16,
+    precision: str | None = None,
+    dp_shards: list[str] | None = None,
 ) -> SearchResult:
     """Rank configurations of ``gpus`` devices for a step of ``global_batch`` sequences.
 
@@ -137,6 +156,10 @@ def search(
         recompute: restrict recomputation choices (default all three).
         sequence_parallel: force it on or off (default on whenever ``tp > 1``: it moves the same
             bytes and shards more activations).
+        dtype, precision: as :class:`ParallelConfig`'s (see :func:`resolve_precision`; default
+            bf16 mixed precision over float32 masters).
+        dp_shards: restrict what data parallelism shards (default all of :data:`DP_SHARDS`;
+            FSDP only with ``dp > 1`` and a schedule that does not split the backward).
         simulate_top: how many of the best by formula are simulated on the real schedule (the
             ranking holds only these, and each family's best).
         keep: how many ranked alternatives to return (at most ``simulate_top``).
@@ -154,6 +177,11 @@ def search(
         if r not in RECOMPUTE:
             raise ValueError(f"recompute {r!r} is not one of {list(RECOMPUTE)}")
     rcs = [r for r in RECOMPUTE if r in rcs]  # fastest first
+    dtype, precision = resolve_precision(dtype, precision)
+    shards = list(DP_SHARDS) if dp_shards is None else list(dp_shards)
+    for sh in shards:
+        if sh not in DP_SHARDS:
+            raise ValueError(f"dp shard {sh!r} is not one of {list(DP_SHARDS)}")
     max_tp = min(model.heads, 2 * hw.devices_per_node)
 
     fitting: list[Estimate] = []
@@ -190,33 +218,52 @@ def search(
                     continue
                 m = per_replica // mbs
                 for sched, v in _schedule_options(scheds, pp, m, model.layers):
+                    split = sched != "none" and SCHEDULE_SPECS[sched].split_backward
+                    opts = [
+                        sh
+                        for sh in shards
+                        if (dp > 1 or sh == "none") and not (sh == "fsdp" and split)
+                    ]
+                    # ZeRO-1 moves the gradient all-reduce's bytes (a reduce-scatter and an
+                    # all-gather), steps 1/dp of the optimizer and holds less: plain data
+                    # parallel never beats it, so it is costed only where ZeRO-1 is not
+                    opts = [sh for sh in opts if sh != "none" or "zero1" not in opts]
                     for sp in sps:
-                        last = None
-                        for rc in rcs:
-                            cfg = ParallelConfig(
-                                dp=dp,
-                                tp=tp,
-                                pp=pp,
-                                microbatch_size=mbs,
-                                num_microbatches=m,
-                                schedule=sched,
-                                virtual=v,
-                                recompute=rc,
-                                sequence_parallel=sp,
-                                dtype=dtype,
-                            )
-                            est = evaluate(
-                                model, hw, cfg, seq, simulate=False, flash_attention=flash_attention
-                            )
-                            considered += 1
-                            last = est
-                            if est.fits:
-                                fitting.append(est)
-                                break
-                        if last is not None:
-                            if not last.fits:
-                                rejected += 1
-                            consider(last)
+                        for sh in opts:
+                            last = None
+                            for rc in rcs:
+                                cfg = ParallelConfig(
+                                    dp=dp,
+                                    tp=tp,
+                                    pp=pp,
+                                    microbatch_size=mbs,
+                                    num_microbatches=m,
+                                    schedule=sched,
+                                    virtual=v,
+                                    recompute=rc,
+                                    sequence_parallel=sp,
+                                    dtype=dtype,
+                                    precision=precision,
+                                    zero1=sh == "zero1",
+                                    fsdp=sh == "fsdp",
+                                )
+                                est = evaluate(
+                                    model,
+                                    hw,
+                                    cfg,
+                                    seq,
+                                    simulate=False,
+                                    flash_attention=flash_attention,
+                                )
+                                considered += 1
+                                last = est
+                                if est.fits:
+                                    fitting.append(est)
+                                    break
+                            if last is not None:
+                                if not last.fits:
+                                    rejected += 1
+                                consider(last)
     fitting.sort(key=lambda e: e.step_time_s)
     # Re-cost the leaders (and each family's best) on the real schedules; rank only those.
     leaders = fitting[:simulate_top]
@@ -231,7 +278,11 @@ def search(
     simulated = [resim[id(e)] for e in leaders]
     rejected += sum(1 for e in simulated if not e.fits)
     ranked = sorted((e for e in simulated if e.fits), key=lambda e: e.step_time_s)[:keep]
-    extra = {"schedules": scheds, "flash_attention": flash_attention}
+    extra = {
+        "schedules": scheds,
+        "flash_attention": flash_attention,
+        "precision_config": ParallelConfig(dtype=dtype, precision=precision),
+    }
     return SearchResult(
         ranked, by_strategy, considered, rejected, model, hw, gpus, global_batch, seq, extra
     )
@@ -246,6 +297,15 @@ NOT_SEARCHED = ("gpipe", "zb-h2")
 
 def _default_schedules() -> list[str]:
     return [s for s in SCHEDULE_SPECS if s not in NOT_SEARCHED]
+
+
+def resolve_precision(dtype: str | None, precision: str | None) -> tuple[str, str]:
+    """``(dtype, precision)`` for the planner: bf16 mixed precision over float32 masters when
+    neither is given (what large runs use); a ``dtype`` alone is a whole-model cast (precision
+    fp32), a ``precision`` alone keeps float32 masters."""
+    if dtype is None and precision is None:
+        return "fp32", "bf16-mixed"
+    return dtype or "fp32", precision or "fp32"
 
 
 def tp_problem(model: ModelSpec, tp: int) -> str | None:

@@ -15,6 +15,7 @@ __all__ = ["explain", "format_table", "overheads", "schedule_reason"]
 
 _NAMES = {
     "data": "data parallel only",
+    "fsdp": "fully sharded data parallel only",
     "tensor": "tensor parallel (with data parallel)",
     "pipeline": "pipeline parallel (with data parallel)",
     "tensor+pipeline": "tensor + pipeline parallel (with data parallel)",
@@ -29,6 +30,7 @@ def overheads(e: Estimate) -> dict[str, float]:
         "pipeline bubble": e.bubble_fraction * pipe,
         "tensor-parallel communication": e.tp_comm_share * (1 - e.bubble_fraction) * pipe,
         "gradient all-reduce": e.dp_comm_s,
+        "FSDP all-gathers and reduce-scatters not hidden by compute": e.fsdp_comm_s,
         "optimizer step": e.optimizer_s,
         "recomputation": (
             0.25
@@ -52,7 +54,7 @@ def _main_cost(e: Estimate) -> str:
 
 def format_table(res: SearchResult, n: int = 8) -> str:
     head = (
-        f"{'#':>2} {'dp':>4} {'tp':>3} {'pp':>3} {'schedule':<18} {'mb':>6} {'recomp':<9} "
+        f"{'#':>2} {'dp':>4} {'shard':<5} {'tp':>3} {'pp':>3} {'schedule':<18} {'mb':>6} {'recomp':<9} "
         f"{'step s':>8} {'TFLOP/s':>8} {'MFU':>5} {'bubble':>7} {'GB/GPU':>7}  how"
     )
     rows = [head]
@@ -60,7 +62,8 @@ def format_table(res: SearchResult, n: int = 8) -> str:
         c = e.config
         sched = c.schedule + (f" v{c.virtual}" if c.schedule == "interleaved-1f1b" else "")
         rows.append(
-            f"{i:>2} {c.dp:>4} {c.tp:>3}{'s' if c.sequence_parallel else ' '}{c.pp:>3} {sched:<18} "
+            f"{i:>2} {c.dp:>4} {c.dp_shard:<5} {c.tp:>3}{'s' if c.sequence_parallel else ' '}"
+            f"{c.pp:>3} {sched:<18} "
             f"{c.microbatch_size:>2}x{c.num_microbatches:<3} {c.recompute:<9} {e.step_time_s:>8.3f} "
             f"{e.tflops_per_gpu:>8.1f} {e.mfu:>5.1%} {e.bubble_fraction:>7.1%} "
             f"{e.memory_gb_per_gpu:>7.1f}  {e.method}"
@@ -171,7 +174,19 @@ def explain(res: SearchResult) -> str:
             f"{c.pp} pipeline stages with {c.num_microbatches} micro-batches ({c.schedule}) idle "
             f"{b.bubble_fraction:.1%} of the time"
         )
-    if c.dp > 1:
+    if c.fsdp:
+        state = b.memory.weights_grads_optimizer
+        why.append(
+            f"FSDP shards the {state * c.dp / 1e9:.0f} GB of weights, gradients and Adam states "
+            f"over {c.dp} replicas ({state / 1e9:.1f} GB per GPU), and its per-block all-gathers "
+            f"and reduce-scatters leave {b.fsdp_comm_s:.3f} s of the step not hidden by compute"
+        )
+    elif c.zero1 and c.dp > 1:
+        why.append(
+            f"{c.dp} data-parallel replicas shard the Adam states (ZeRO-1) and spend "
+            f"{b.dp_comm_s:.3f} s on the gradient reduce-scatter and parameter all-gather"
+        )
+    elif c.dp > 1:
         why.append(
             f"{c.dp} data-parallel replicas spend {b.dp_comm_s:.3f} s on the gradient all-reduce"
         )

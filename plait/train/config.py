@@ -47,11 +47,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     data: str | None = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    zero1: bool = False
     # fp16-mixed's dynamic loss scaling (plait.train.precision.LossScaler)
     loss_scale: float = 2.0**16  # the initial scale
     loss_scale_window: int = 1000  # finite steps in a row before the scale doubles
-    fsdp: bool = False  # shard params, grads, optimizer state over dp (plait.train.fsdp)
     # outputs and fault tolerance
     metrics_out: str | None = None
     trace_out: str | None = None
@@ -161,10 +159,6 @@ class TrainConfig:
                 f"--layers applies to presets and hf: models, not to {self.model!r} (a function "
                 f"builds the depth it wants)"
             )
-        if self.fsdp:
-            from plait.train.fsdp import check_fsdp
-
-            check_fsdp(self)
         if pc.pp > 1 or pc.tp > 1:  # the split is checked on the model itself (loads torch)
             from plait.train.parts import validate_parallel
 

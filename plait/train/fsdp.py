@@ -1,19 +1,26 @@
 """Fully sharded data parallelism on the dp axis, with PyTorch's own FSDP2 (``fully_shard``).
 
 ``--fsdp`` shards every parameter, its gradient and its AdamW state over the data-parallel group
-(ZeRO-3), so each replica keeps about ``1/dp`` of them between uses. Each unit -- the whole model
-when ``pp == 1``, else each pipeline stage (chunk) this rank runs -- is one
-:func:`torch.distributed.fsdp.fully_shard` root over a 1-D :class:`DeviceMesh` built from the dp
-process group: its parameters are all-gathered for its forward and again for its backward,
-resharded after each, and its gradients reduce-scattered (averaged) over dp in every
-micro-batch's backward and accumulated into the sharded ``.grad``.
+(ZeRO-3), so each replica keeps about ``1/dp`` of them between uses. As in torchtitan, each
+transformer block is one :func:`torch.distributed.fsdp.fully_shard` unit and the rest of a stage
+(embeddings, final norm, head) is the root unit -- the whole model when ``pp == 1``, else each
+pipeline stage (chunk) this rank runs -- over a 1-D :class:`DeviceMesh` built from the dp process
+group. A block's parameters are all-gathered for its forward (the next block's gather prefetched
+meanwhile) and again for its backward, resharded after each, and its gradients reduce-scattered
+(averaged) over dp in every micro-batch's backward and accumulated into the sharded ``.grad``.
+The root stays gathered from its forward to its backward (FSDP2's rule for the root).
+
+Mixed precision (``--precision bf16-mixed | fp16-mixed``) uses FSDP2's ``MixedPrecisionPolicy``:
+the sharded masters stay float32, the gathers are in the low dtype (half the bytes), gradients
+are reduce-scattered and accumulated in float32.
 
 Tensor parallelism composes: plait's tp shards are plain tensors of their local shape, and FSDP
 shards those again along dim 0 over dp only (the DTensor's "global" shape is the tp-local one).
 
-What cannot work is refused before any process starts (:func:`check_fsdp`): ``--zero1`` (FSDP
-already shards optimizer state), a schedule that splits the backward into B and W (zero-bubble:
-W forms weight gradients outside autograd, where FSDP's hooks never see them), and ``--dp 1``.
+What cannot work is refused by :class:`plait.config.ParallelConfig` before any process starts:
+``zero1`` with it (FSDP already shards optimizer state), a schedule that splits the backward into
+B and W (zero-bubble: W forms weight gradients outside autograd, where FSDP's hooks never see
+them), and ``dp == 1``.
 
 Helpers for the rest of the trainer: :func:`local` (a gradient's or state's local shard),
 :func:`full` (the unsharded tensor, collective over dp), :func:`shard_like` (a full tensor cut as
@@ -29,50 +36,24 @@ if TYPE_CHECKING:  # torch loads only where FSDP runs: checking a config stays f
     import torch
     from torch import nn
 
-__all__ = ["check_fsdp", "shard_over_dp", "local", "full", "shard_like", "state_bytes"]
+__all__ = ["shard_over_dp", "local", "full", "shard_like", "state_bytes"]
 
 
-def check_fsdp(cfg) -> None:
-    """Raise ValueError (one line) for a TrainConfig that asks for FSDP where it cannot work."""
-    pc = cfg.parallel
-    if cfg.zero1:
-        raise ValueError(
-            "--fsdp and --zero1 are exclusive: FSDP already shards the optimizer state (with the "
-            "parameters and gradients); choose one"
-        )
-    if pc.dp < 2:
-        raise ValueError(
-            f"--fsdp shards over the data-parallel replicas: needs --dp >= 2, got {pc.dp}"
-        )
-    precision = getattr(pc, "precision", "fp32")
-    if precision != "fp32":
-        raise ValueError(
-            f"--fsdp with --precision {precision} is not built yet (it needs FSDP2's "
-            f"MixedPrecisionPolicy over the float32 masters); use --precision fp32 with --fsdp"
-        )
-    if pc.pp > 1:
-        from plait.pipeline import build_schedule
-        from plait.pipeline.schedule import Kind
+def shard_over_dp(
+    module: nn.Module, mesh, blocks=(), param_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Shard ``module`` over this rank's dp group (in place): ``fully_shard`` each of ``blocks``
+    (its transformer blocks), then ``module`` itself as the root over the rest; returns it.
 
-        schedule = build_schedule(
-            pc.schedule, pc.pp, pc.num_microbatches, pc.virtual, pc.schedule_costs
-        )
-        if any(a.kind is Kind.W for actions in schedule.actions for a in actions):
-            raise ValueError(
-                f"--fsdp cannot run schedule {pc.schedule!r}: its split backward (B, then W) forms "
-                f"weight gradients outside autograd, where FSDP cannot reduce-scatter them; use "
-                f"gpipe, 1f1b or interleaved-1f1b"
-            )
-
-
-def shard_over_dp(module: nn.Module, mesh) -> nn.Module:
-    """``fully_shard(module)`` over this rank's dp group (in place); returns ``module``.
+    ``param_dtype``: the dtype parameters are gathered and computed in (mixed precision; the
+    shards stay in their own dtype and gradients are reduced in float32), None for their own.
 
     FSDP replaces each parameter by a new one holding a DTensor; plait's markers on the old
     parameters (``_plait_tp``: which are tensor-parallel shards) are carried over by name.
     """
+    import torch
     from torch.distributed.device_mesh import DeviceMesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     params = dict(module.named_parameters(remove_duplicate=False))
     marks = {
@@ -80,7 +61,13 @@ def shard_over_dp(module: nn.Module, mesh) -> nn.Module:
     }
     device = next(iter(params.values())).device.type if params else "cpu"
     dp_mesh = DeviceMesh.from_group(mesh.group("dp"), device_type=device)
-    fully_shard(module, mesh=dp_mesh, reshard_after_forward=True)
+    kw = {}
+    if param_dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=True, **kw)
+        _count_collectives(block)
+    fully_shard(module, mesh=dp_mesh, reshard_after_forward=True, **kw)
     _count_collectives(module)
     for name, p in module.named_parameters(remove_duplicate=False):
         for k, v in marks.get(name, {}).items():

@@ -170,7 +170,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
         unique.setdefault(primary[id(p)], p)
     uses = {i: sum(1 for p in params.values() if id(p) == i) for i in primary}
     meta = {**checkpoint_record(cfg, source), "params": full_shapes}
-    if cfg.zero1:
+    if pc.zero1:
         opt = ZeroAdamW(unique, mesh.group("dp"), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
         def owns(name: str) -> bool:
@@ -191,7 +191,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
         if scaler is not None and "loss_scale" in saved:
             scaler.load_state_dict(saved)
     # FSDP reduce-scatters gradients itself, in each backward: no all-reduce of them here.
-    sync = GradSync(unique.values(), None if cfg.fsdp else mesh.group("dp"), uses=uses)
+    sync = GradSync(unique.values(), None if pc.fsdp else mesh.group("dp"), uses=uses)
     out = open_metrics(cfg.metrics_out, start_step) if rank0 and cfg.metrics_out else None
     history: list[dict] = []
     local_batch = cfg.batch_size // pc.dp
@@ -234,7 +234,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                     mesh.tp_rank,
                     mesh.group("pp"),
                     not_here=tied_grads.not_here,
-                    dp_group=mesh.group("dp") if cfg.fsdp else None,
+                    dp_group=mesh.group("dp") if pc.fsdp else None,
                 )
                 loss = mean_over(loss, mesh.group("dp"))
                 finite = math.isfinite(loss) and math.isfinite(norm)  # the same on every rank

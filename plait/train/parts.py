@@ -155,10 +155,18 @@ def _check_unshared(stages: dict[int, nn.Module]) -> None:
 
 def build_local(full: nn.Module, mesh: Mesh, cfg, source) -> LocalModel:
     """This rank's :class:`LocalModel` for the mesh and config (shards ``full`` in place)."""
-    fsdp = getattr(cfg, "fsdp", False)  # each unit fully sharded over dp (plait.train.fsdp)
-    if fsdp:
-        from plait.train.fsdp import shard_over_dp
     cfg = cfg.parallel
+    fsdp = cfg.fsdp  # each block, and each stage's rest, fully sharded over dp (train.fsdp)
+    if fsdp:
+
+        def shard(unit: nn.Module) -> None:
+            from plait.train.fsdp import shard_over_dp
+            from plait.train.precision import LOW_DTYPES
+
+            ids = {id(b) for _, b in find_layout(full).blocks}  # after tp: the modules run
+            blocks = [m for m in unit.modules() if id(m) in ids]
+            shard_over_dp(unit, mesh, blocks, LOW_DTYPES.get(cfg.precision))
+
     recompute = cfg.recompute == "full"
     tp = mesh.size("tp")
     if tp > 1:
@@ -170,7 +178,7 @@ def build_local(full: nn.Module, mesh: Mesh, cfg, source) -> LocalModel:
             _checkpoint_blocks(full)
         loss_fn = _loss_for(full, tp, source)
         if fsdp:
-            shard_over_dp(full, mesh)
+            shard(full)
         return WholeModel(full, cfg.num_microbatches, loss_fn)
 
     from plait.pipeline import PipelineRuntime, build_schedule, partition
@@ -189,7 +197,7 @@ def build_local(full: nn.Module, mesh: Mesh, cfg, source) -> LocalModel:
     if fsdp:
         _check_unshared(stages)
         for stage in stages.values():
-            shard_over_dp(stage, mesh)
+            shard(stage)
     extra = {}
     if fsdp:
         import inspect
