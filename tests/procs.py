@@ -45,3 +45,24 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.05)  # polling an external process's progress, not synchronising our own
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def train_cmd(
+    corpus, metrics, ck, *extra, steps=16, batch=8, seq=32, every=4, timeout=None
+) -> list[str]:
+    """``plait train`` of ``tiny`` on ``corpus`` as a command line, writing metrics and
+    checkpoints (every ``every`` steps); ``extra`` flags go last."""
+    import sys
+
+    cmd = [sys.executable, "-m", "plait.cli", "train", "--model", "tiny", "--steps", str(steps)]
+    cmd += ["--batch-size", str(batch), "--seq-len", str(seq), "--data", corpus]
+    cmd += ["--metrics-out", str(metrics), "--checkpoint-dir", str(ck)]
+    cmd += ["--checkpoint-every", str(every), "--no-progress"]
+    if timeout is not None:
+        cmd += ["--timeout", str(timeout)]
+    return cmd + list(extra)
+
+
+def steps_done(metrics: Path) -> int:
+    """Steps a ``--metrics-out`` file has recorded so far."""
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0

@@ -4,49 +4,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from procs import children, wait_for
+from procs import children, steps_done, train_cmd, wait_for
+
+MESH = ("--dp", "2", "--pp", "2")
 
 BOUND_S = 60.0
-
-
-def train_cmd(corpus, metrics, ck, *extra):
-    return [
-        sys.executable,
-        "-m",
-        "plait.cli",
-        "train",
-        "--model",
-        "tiny",
-        "--steps",
-        "16",
-        "--batch-size",
-        "8",
-        "--seq-len",
-        "32",
-        "--data",
-        corpus,
-        "--dp",
-        "2",
-        "--pp",
-        "2",
-        "--metrics-out",
-        str(metrics),
-        "--checkpoint-dir",
-        str(ck),
-        "--checkpoint-every",
-        "4",
-        "--no-progress",
-        *extra,
-    ]
-
-
-def steps_done(metrics: Path) -> int:
-    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
 
 
 @pytest.mark.slow
@@ -59,7 +25,7 @@ def test_sigkill_one_of_four_workers_then_resume(tmp_path):
 
     ref_metrics = tmp_path / "ref.jsonl"
     subprocess.run(
-        train_cmd(corpus, ref_metrics, tmp_path / "ref-ck"),
+        train_cmd(corpus, ref_metrics, tmp_path / "ref-ck", *MESH),
         check=True,
         capture_output=True,
         timeout=300,
@@ -68,7 +34,10 @@ def test_sigkill_one_of_four_workers_then_resume(tmp_path):
 
     metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
     job = subprocess.Popen(
-        train_cmd(corpus, metrics, ck), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        train_cmd(corpus, metrics, ck, *MESH),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for(lambda: steps_done(metrics) >= 6, 120, "six steps")
@@ -92,7 +61,10 @@ def test_sigkill_one_of_four_workers_then_resume(tmp_path):
     assert killed_at < 16
 
     subprocess.run(
-        train_cmd(corpus, metrics, ck, "--resume"), check=True, capture_output=True, timeout=300
+        train_cmd(corpus, metrics, ck, *MESH, "--resume"),
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     resumed = {r["step"]: r["loss"] for r in rows}

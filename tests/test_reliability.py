@@ -4,12 +4,11 @@ import multiprocessing as mp
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from procs import children, descendants, running, wait_for
+from procs import children, descendants, running, steps_done, train_cmd, wait_for
 
 from plait import heartbeat
 
@@ -25,37 +24,11 @@ def corpus(tmp_path_factory):
     return str(path)
 
 
-def train_cmd(corpus, metrics, ck, *mesh, steps=100_000, timeout=120):
-    return [
-        sys.executable,
-        "-m",
-        "plait.cli",
-        "train",
-        "--model",
-        "tiny",
-        "--steps",
-        str(steps),
-        "--batch-size",
-        "4",
-        "--seq-len",
-        "16",
-        "--data",
-        corpus,
-        *mesh,
-        "--metrics-out",
-        str(metrics),
-        "--checkpoint-dir",
-        str(ck),
-        "--checkpoint-every",
-        "2",
-        "--timeout",
-        str(timeout),
-        "--no-progress",
-    ]
-
-
-def steps_done(metrics: Path) -> int:
-    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+def long_run(corpus, metrics, ck, *mesh, timeout=120):
+    """A run that goes on until it is stopped, checkpointing every 2 steps."""
+    return train_cmd(
+        corpus, metrics, ck, *mesh, steps=100_000, batch=4, seq=16, every=2, timeout=timeout
+    )
 
 
 def start(cmd, **kw):
@@ -79,7 +52,7 @@ def sems() -> set[str]:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_killing_the_launcher_leaves_no_worker_alive(sig, corpus, tmp_path):
     metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
-    job = start(train_cmd(corpus, metrics, ck, "--dp", "2"))
+    job = start(long_run(corpus, metrics, ck, "--dp", "2"))
     try:
         wait_for(lambda: steps_done(metrics) >= 3, 120, "three steps")
         below = descendants(job.pid)
@@ -104,7 +77,7 @@ def test_killing_the_launcher_leaves_no_worker_alive(sig, corpus, tmp_path):
 def test_killing_the_whole_group_leaves_no_semaphore(corpus, tmp_path):
     metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
     before = sems()
-    job = start(train_cmd(corpus, metrics, ck, "--dp", "2"), start_new_session=True)
+    job = start(long_run(corpus, metrics, ck, "--dp", "2"), start_new_session=True)
     try:
         wait_for(lambda: steps_done(metrics) >= 2, 120, "two steps")
         below = descendants(job.pid)
@@ -121,7 +94,7 @@ def test_killing_the_whole_group_leaves_no_semaphore(corpus, tmp_path):
 @pytest.mark.parametrize("mesh", [("--dp", "2"), ("--pp", "2")], ids=["dp2", "pp2"])
 def test_a_stopped_worker_is_named_and_the_job_exits(mesh, corpus, tmp_path):
     metrics, ck = tmp_path / "m.jsonl", tmp_path / "ck"
-    job = start(train_cmd(corpus, metrics, ck, *mesh, timeout=10))
+    job = start(long_run(corpus, metrics, ck, *mesh, timeout=10))
     try:
         wait_for(lambda: steps_done(metrics) >= 3, 120, "three steps")
         workers = workers_of(job)
