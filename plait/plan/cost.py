@@ -215,10 +215,14 @@ class CostModel:
             return 0.0, 0.0
         n, link = self.cfg.dp, self.dp_link
         out = []
-        for per_param in (self.gather_bytes, self.master_bytes):
+        for kind, per_param in (("gather", self.gather_bytes), ("scatter", self.master_bytes)):
             nbytes = params * per_param
             t = link.all_gather_time(nbytes, n)
-            if self.hw.shared_cores:  # copy-in and copy-out pass over the bytes on the cores
+            if self.hw.shared_cores:
+                # gloo (CPU) has no reduce-scatter: FSDP2 all-reduces there; and the copy-in
+                # and copy-out pass over the bytes on the cores that compute
+                if kind == "scatter":
+                    t = link.all_reduce_time(nbytes, n)
                 t += 2 * nbytes / self.hw.memory_bandwidth
             out.append(t)
         return out[0], out[1]

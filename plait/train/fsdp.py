@@ -5,10 +5,12 @@
 transformer block is one :func:`torch.distributed.fsdp.fully_shard` unit and the rest of a stage
 (embeddings, final norm, head) is the root unit -- the whole model when ``pp == 1``, else each
 pipeline stage (chunk) this rank runs -- over a 1-D :class:`DeviceMesh` built from the dp process
-group. A block's parameters are all-gathered for its forward (the next block's gather prefetched
-meanwhile) and again for its backward, resharded after each, and its gradients reduce-scattered
-(averaged) over dp in every micro-batch's backward and accumulated into the sharded ``.grad``.
-The root stays gathered from its forward to its backward (FSDP2's rule for the root).
+group. A block's parameters are all-gathered for its forward and again for its backward,
+resharded after each, and its gradients reduce-scattered (averaged) over dp in every micro-batch's
+backward and accumulated into the sharded ``.grad``. On a GPU FSDP2 runs the collectives on their
+own streams and prefetches the next block's gather while this one computes; on CPU with gloo they
+block, so nothing overlaps. The root stays gathered from its forward to its backward (FSDP2's
+default for the root, since its backward comes right after).
 
 Mixed precision (``--precision bf16-mixed | fp16-mixed``) uses FSDP2's ``MixedPrecisionPolicy``:
 the sharded masters stay float32, the gathers are in the low dtype (half the bytes), gradients
@@ -67,7 +69,7 @@ def shard_over_dp(
     for block in blocks:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=True, **kw)
         _count_collectives(block)
-    fully_shard(module, mesh=dp_mesh, reshard_after_forward=True, **kw)
+    fully_shard(module, mesh=dp_mesh, **kw)  # the root's default: kept for its backward
     _count_collectives(module)
     for name, p in module.named_parameters(remove_duplicate=False):
         for k, v in marks.get(name, {}).items():

@@ -249,10 +249,11 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                 skipped = scaler.update(finite) if scaler is not None else False
                 if not skipped:
                     opt.step()
+                t3 = time.perf_counter()
+                dt = t3 - t0
+                # a metric, outside the timed step (a pass over every tensor: ms under FSDP)
                 held = state_bytes(unique.values(), opt, sync._flat.values())
                 opt.zero_grad(set_to_none=True)
-                t3 = time.perf_counter()
-                dt = time.perf_counter() - t0
                 # Where rank 0's step went: forward and backward of every micro-batch (pipeline
                 # and tensor communication included), waiting for the last gradient all-reduce,
                 # clipping plus the optimizer.
