@@ -96,8 +96,11 @@ class Stall:
 class Watchdog:
     """Finds the rank that holds a job up, from the beats and the workers' process states.
 
-    Blame, in order: a worker the kernel reports stopped; a silent rank that is not itself
-    waiting on another (its last beat is not a receive or a wait); the rank silent longest.
+    A job is stalled when a rank has been silent for longer than the limit and it is stopped or
+    it is waiting on another (its last beat is a receive or a wait): a long computation nobody
+    waits on yet is not a stall (and a wait with no labelled beat still fails by the process
+    group's timeout, the same limit). Blame, in order: a worker the kernel reports stopped; a
+    silent rank that is not itself waiting on another; the rank silent longest.
     """
 
     def __init__(self, slots: Slots, pids: list[int | None], limit: float):
@@ -115,10 +118,10 @@ class Watchdog:
                 continue
             if now - t > self.limit:
                 silent.append(Stall(rank, now - t, step, label, _stopped(self.pids[rank])))
-        if not silent:
-            return None
         stopped = [s for s in silent if s.stopped]
         working = [s for s in silent if not s.label.startswith(_WAITS)]
+        if not stopped and len(working) == len(silent):
+            return None  # nobody is held up (yet) by the silent ones
         return max(stopped or working or silent, key=lambda s: s.seconds)
 
     def stopped(self, finished: set[int], now: float | None = None) -> Stall | None:

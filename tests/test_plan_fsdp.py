@@ -125,3 +125,15 @@ def test_memory_formula_within_5pct_of_measured_state_per_rank(mesh):
     for rank, got in enumerate(measured):
         want = training_state_bytes(cm.rank_params(shape.coords(rank)["pp"]), pc)
         assert want == pytest.approx(got, rel=0.05), (rank, want, got)
+
+
+def test_an_fsdp_pipeline_winner_is_compared_only_with_schedules_fsdp_runs():
+    from plait.plan.search import _default_schedules, _every_schedule
+
+    model, hw = get_model("llama3-8b"), get_hardware("h100-sxm")
+    cfg = ParallelConfig(dp=4, pp=2, num_microbatches=8, fsdp=True, precision="bf16-mixed")
+    best = evaluate(model, hw, cfg, 4096)
+    others = _every_schedule(model, hw, best, 4096, _default_schedules(), model.layers, True)
+    names = {e.config.schedule for e in others}
+    assert names == {"1f1b", "interleaved-1f1b"}  # no zero-bubble or V schedule (split backward)
+    assert all(e.config.fsdp and e.config.pp == 2 for e in others)

@@ -47,8 +47,9 @@ def test_precision_is_one_validated_field_of_the_parallel_config():
         ParallelConfig(precision="bf16-mixed", dtype="bfloat16")
     with pytest.raises(ValueError, match="needs dtype fp32, got 'fp64'"):
         ParallelConfig(precision="fp16-mixed", dtype="fp64")
-    with pytest.raises(ValueError, match="--loss-scale must be a positive number"):
-        cfg(precision="fp16-mixed", loss_scale=0.0).validate()
+    for bad in (0.0, 0.5):  # below 1 an overflow would raise the scale to the floor
+        with pytest.raises(ValueError, match=f"--loss-scale must be a finite number >= 1 .*{bad}"):
+            cfg(precision="fp16-mixed", loss_scale=bad).validate()
     with pytest.raises(ValueError, match="--loss-scale-window must be an integer >= 1"):
         cfg(precision="fp16-mixed", loss_scale_window=0).validate()
     with pytest.raises(ValueError, match="or --precision fp16-mixed"):

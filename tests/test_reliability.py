@@ -125,6 +125,10 @@ def test_watchdog_blames_the_silent_worker_not_the_one_waiting_on_it():
             data.ljust(heartbeat.LABEL_BYTES, b"\0")
         )
 
+    put(0, 100.0, "F0.3")  # computing since t=100, nobody waits on it: no stall
+    put(1, 101.0, "F1.3")
+    put(2, 0.0, "")
+    assert dog.stalled(set(), now=500.0) is None
     put(0, 100.0, "RECV_GRAD0.3")  # waiting on rank 1 since t=100
     put(1, 101.0, "F1.3")  # computing since t=101, then silent
     put(2, 0.0, "")  # never beat: still starting, not watched

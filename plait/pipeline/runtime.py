@@ -323,6 +323,7 @@ class PipelineRuntime:
             heartbeat.beat("wait loss broadcast")
             for work in step.loss_work:
                 work.wait()
+        heartbeat.beat("after train_step")  # the caller's own work: not a wait
         return float(step.loss_buf.item())
 
     def _broadcast_loss(self, buf: torch.Tensor, last_rank: int) -> list | None:

@@ -1,7 +1,8 @@
 """Memory per device: weights, gradients, optimizer states, activations in flight.
 
 The training state is what plait's trainer keeps (:func:`state_bytes_per_param`): parameters in
-``dtype`` (float32 masters under mixed precision, whose low-precision copies are transient),
+``dtype`` (float32 masters under mixed precision; autocast's low-precision copy of each weight,
+kept for the step, is counted as transient),
 gradients in the same dtype, and AdamW's two moments: 16 bytes per parameter in float32 or mixed
 precision, 8 for a whole-model bf16 cast. ZeRO-1 divides the moments by ``dp``; FSDP divides all
 of it, and adds what it gathers while computing: the stage's root unit (embeddings, head), the
@@ -116,6 +117,9 @@ def memory_per_device(cm: CostModel, in_flight: list[float]) -> MemoryBreakdown:
         layers = sum(cm.layers[s] for s in stages) / len(stages)  # per chunk, on average
         acts = in_flight[r] * len(stages) * layers * cm.activation_bytes()
         transient = 0.0
+        if cfg.precision != "fp32" and not cfg.fsdp:
+            # autocast keeps its low-precision copy of each weight for the step's region
+            transient += cm.rank_params(r) * cm.dtype_bytes
         if cfg.fsdp:
             block = cm.layer_params()
             root = sum(cm.root_params(s) for s in stages)

@@ -341,6 +341,8 @@ def _every_schedule(
     opts = list(_schedule_options(scheds, c.pp, c.num_microbatches, layers))
     if ("1f1b", 1) not in opts:
         opts.insert(0, ("1f1b", 1))
+    if c.fsdp:  # FSDP runs no schedule that splits the backward (ParallelConfig refuses them)
+        opts = [(s, v) for s, v in opts if not SCHEDULE_SPECS[s].split_backward]
     out = []
     for sched, v in opts:
         if (sched, v) == (c.schedule, c.virtual):

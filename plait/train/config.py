@@ -109,8 +109,11 @@ class TrainConfig:
                 f"one of {list(TRAIN_DTYPES)}, or --precision fp16-mixed (fp16 compute, float32 "
                 f"master weights, dynamic loss scaling)"
             )
-        if not (0 < self.loss_scale < math.inf):
-            raise ValueError(f"--loss-scale must be a positive number, got {self.loss_scale!r}")
+        if not (1 <= self.loss_scale < math.inf):
+            raise ValueError(
+                f"--loss-scale must be a finite number >= 1 (the smallest scale an overflow "
+                f"halves to), got {self.loss_scale!r}"
+            )
         if not isinstance(self.loss_scale_window, int) or self.loss_scale_window < 1:
             raise ValueError(
                 f"--loss-scale-window must be an integer >= 1, got {self.loss_scale_window!r}"

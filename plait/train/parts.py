@@ -198,15 +198,7 @@ def build_local(full: nn.Module, mesh: Mesh, cfg, source) -> LocalModel:
         _check_unshared(stages)
         for stage in stages.values():
             shard(stage)
-    extra = {}
-    if fsdp:
-        import inspect
-
-        # FSDP's hooks reduce-scatter what autograd accumulates: the runtime must not split a
-        # BW into B and W (its W forms weight gradients outside autograd) to send early
-        if "early_send" in inspect.signature(PipelineRuntime).parameters:
-            extra["early_send"] = False
-    runtime = PipelineRuntime(stages, schedule, mesh, loss_fn, checkpoint=recompute, **extra)
+    runtime = PipelineRuntime(stages, schedule, mesh, loss_fn, checkpoint=recompute)
     if fsdp and any(runtime._deferred.values()):
         raise RuntimeError(
             "--fsdp: the pipeline runtime defers weight gradients of some stages to a W step "
