@@ -165,6 +165,9 @@ def test_crafted_files_in_a_checkpoint_never_run_code(ck, tmp_path, capsys):
     shutil.rmtree(forged)
     code, _, err = run(capsys, "--steps", "6", "--checkpoint-dir", str(ck), "--resume")
     assert code == 0 and "older plait format" in err and "step-00000004" in err, err
+    # the run branched from step 4 and saved step 6: the later step 9 is set aside, not resumed
+    old = ck / "abandoned-step-00000009"
+    assert old.is_dir() and not (ck / "step-00000009").exists()
     for cmd in (["export", "--out", str(tmp_path / "o")], ["infer"]):
         assert main([*cmd, "--checkpoint", str(old)]) != 0
         assert "older plait format" in capsys.readouterr().err
@@ -232,3 +235,28 @@ def test_a_nan_stops_a_multi_process_run_non_zero(tmp_path):
     )
     assert job.returncode == 1, job.stderr
     assert "NonFiniteError: step 3: loss nan" in job.stderr, job.stderr
+
+
+def test_a_run_branched_from_an_older_step_sets_the_later_checkpoints_aside(tmp_path):
+    import torch
+
+    from plait.train.store import save_checkpoint
+
+    def save(step, keep=3):
+        return save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, keep=keep)
+
+    for step in (2, 4, 6):
+        save(step)
+    save(3)  # resumed from step 2: steps 4 and 6 are another run's future
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["abandoned-step-00000004", "abandoned-step-00000006", *step_names(2, 3)]
+    assert newest_verified(tmp_path)[0].name == "step-00000003"  # never the abandoned 6
+    save(4)  # and again: the earlier abandoned copy is kept too
+    assert (tmp_path / "abandoned-step-00000004").is_dir()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == step_names(2, 3, 4)
+    with pytest.raises(ValueError, match="keep must be an integer >= 1 .*got 0"):
+        save(5, keep=0)
+
+
+def step_names(*steps):
+    return [f"step-{s:08d}" for s in steps]

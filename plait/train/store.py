@@ -95,8 +95,12 @@ def save_checkpoint(
 
     Collective: every rank calls it with its own part of the state; a key held by several ranks
     must hold the same value on each (the lowest rank writes it). ``meta`` (rank 0's) goes into
-    the manifest. Keeps the newest ``keep`` checkpoints.
+    the manifest. Keeps the newest ``keep`` checkpoints up to this step. Checkpoints of later
+    steps belong to a run this one has branched from (it resumed from an older step): they are
+    renamed ``abandoned-step-<N>`` (kept, but never resumed from by default).
     """
+    if not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"keep must be an integer >= 1 (checkpoints kept), got {keep!r}")
     root = Path(directory)
     final = root / f"step-{step:08d}"
     partial = root / f"step-{step:08d}.partial"
@@ -150,11 +154,23 @@ def save_checkpoint(
         except OSError as e:
             shutil.rmtree(partial, ignore_errors=True)
             raise CheckpointError(f"could not complete checkpoint {final}: {e}; removed it") from e
-        for old in sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))[:-keep]:
+        steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
+        for later in (p for p in steps if p.name > final.name):
+            _set_aside(later)
+        for old in [p for p in steps if p.name <= final.name][:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     if _dist():
         dist.barrier()
     return final
+
+
+def _set_aside(path: Path) -> None:
+    """Rename a checkpoint of an abandoned later step out of the way (``abandoned-<name>``, or
+    ``abandoned-<name>.<k>`` when that exists)."""
+    target, k = path.with_name(f"abandoned-{path.name}"), 1
+    while target.exists():
+        target, k = path.with_name(f"abandoned-{path.name}.{k}"), k + 1
+    os.replace(path, target)
 
 
 def _prepare(root: Path, partial: Path) -> None:
