@@ -268,19 +268,14 @@ def direct_run(args) -> list[dict]:
 
 
 def _fsdp_config(args):
-    """plait's TrainConfig for ``--fsdp`` at this run's settings (``fsdp`` is a ParallelConfig
-    field; older code had it on TrainConfig)."""
+    """plait's TrainConfig for ``--fsdp`` at this run's settings."""
     from plait.config import ParallelConfig
     from plait.train import TrainConfig
 
     common = {"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len}
     common.update(seed=args.seed, lr=args.lr, weight_decay=args.weight_decay)
-    try:
-        pc = ParallelConfig(dp=DP, num_microbatches=args.microbatches, fsdp=True)
-        return TrainConfig(**common, grad_clip=args.grad_clip, parallel=pc)
-    except TypeError:
-        pc = ParallelConfig(dp=DP, num_microbatches=args.microbatches)
-        return TrainConfig(**common, grad_clip=args.grad_clip, parallel=pc, fsdp=True)
+    pc = ParallelConfig(dp=DP, num_microbatches=args.microbatches, fsdp=True)
+    return TrainConfig(**common, grad_clip=args.grad_clip, parallel=pc)
 
 
 def paired_worker(args) -> dict:
