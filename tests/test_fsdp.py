@@ -142,3 +142,31 @@ def test_fsdp_checkpoint_resumes_at_another_mesh_and_in_one_process_and_back(tmp
     shutil.rmtree(back / "step-00000004")
     hist = train(cfg(dp=2, tp=2, fsdp=True, checkpoint_dir=str(back), resume=True))
     assert_close(losses(hist), ref[2:])
+
+
+def test_each_block_is_its_own_fsdp_unit_and_the_root_holds_the_rest():
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from plait.models.layout import find_layout
+    from plait.models.source import resolve_model
+    from plait.train.fsdp import shard_over_dp
+
+    class OneRank:  # the dp group of a one-process world
+        def group(self, axis):
+            return dist.group.WORLD
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = resolve_model("tiny").build(0, 4)
+        blocks = [b for _, b in find_layout(model).blocks]
+        shard_over_dp(model, OneRank(), blocks, torch.bfloat16)
+        assert all(isinstance(b, FSDPModule) for b in blocks) and isinstance(model, FSDPModule)
+        x = torch.randint(0, 256, (2, 16))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x).float().square().mean().backward()
+        # bf16 gathers over float32 shards: the gradients are reduced and kept in float32
+        assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
