@@ -4,7 +4,8 @@ Same model (the same stage modules, shared), same data, same micro-batches; one 
 Each measured step alternates plait and PyTorch (which goes first alternates too), with a barrier
 before and after so a step's time is the slowest rank's. Schedules: GPipe, 1F1B, interleaved 1F1B
 (v = 2) and DualPipeV (v = 2, V placement) in both; plait's zb-h1 and zb-v alongside 1F1B for the
-bubble comparison.
+bubble comparison, built for the (F, B, W) costs measured on this machine (a few zb-v steps,
+``Timeline.schedule_costs``), as ``plait train --schedule-costs`` builds them.
 
 It also prints the bubble check from plait's measured timelines: at p = 2, m = 8, 1F1B's idle
 fraction against its theoretical bubble (p - 1) / (m + p - 1), and zb-h1's and zb-v's step times
@@ -114,8 +115,8 @@ def worker(model_name: str, m: int, steps: int, warmup: int) -> dict:
     x, y = _data(cfg, batch, seq, 0)
     out: dict = {"times": {}, "loss": {}, "bubble": {}}
 
-    def plait_runtime(name: str, v: int, model):
-        sched = build_schedule(name, P, m, v)
+    def plait_runtime(name: str, v: int, model, costs=None):
+        sched = build_schedule(name, P, m, v, costs)
         stages = partition(model, P * v)
         mine = {s: stages[s] for s in sched.stages_of(rank)}
         return PipelineRuntime(mine, sched, None, Transformer.loss), stages, mine
@@ -142,9 +143,18 @@ def worker(model_name: str, m: int, steps: int, warmup: int) -> dict:
         out["times"][name] = (tp_times, pt_times)
         rt.close()
 
-    # Bubble: plait's measured idle fraction, 1f1b vs zb-h1 vs zb-v side by side.
+    # Bubble: plait's measured idle fraction, 1f1b vs zb-h1 vs zb-v side by side, the zero-bubble
+    # schedules built for this machine's (F, B, W) costs, measured on a few zb-v steps first (what
+    # `plait train --schedule-costs` takes); every rank gets the same merged timeline.
     model = Transformer(cfg, seed=0)
-    rts = {n: plait_runtime(n, v, model)[0] for n, v in BUBBLE}
+    probe = plait_runtime("zb-v", 2, model)[0]
+    for _ in range(warmup + 1):
+        model.zero_grad(set_to_none=True)
+        probe.train_step(x, y)
+    costs = tuple(round(c, 2) for c in probe.gather_timeline().schedule_costs())
+    probe.close()
+    out["costs"] = costs
+    rts = {n: plait_runtime(n, v, model, costs if n != "1f1b" else None)[0] for n, v in BUBBLE}
     times: dict = {n: [] for n in rts}
     bubbles: dict = {n: [] for n in rts}
     for k in range(warmup + steps):
@@ -206,7 +216,10 @@ def main() -> None:
         )
         for n, _ in BUBBLE[1:]:
             b, t = bub[n]
-            print(f"          {n} idle {b:.1%}, step {t * 1e3:.1f} ms ({t / t1:.2f}x 1f1b's)")
+            print(
+                f"          {n} (built for costs {res[0]['costs']}) idle {b:.1%}, "
+                f"step {t * 1e3:.1f} ms ({t / t1:.2f}x 1f1b's)"
+            )
     print("median step-time ratio plait/PyTorch: " + ", ".join(ratios))
 
 

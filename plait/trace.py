@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,6 +101,32 @@ class Timeline:
             return 0.0
         busy = sum(self.busy(r, kinds) for r in range(self.num_ranks))
         return 1.0 - busy / (self.num_ranks * self.span)
+
+    def schedule_costs(self) -> tuple[float, float, float]:
+        """Relative ``(F, B, W)`` durations measured here, for ``build_schedule(costs=...)``.
+
+        Medians over the timeline's F, B and W actions, scaled so that F = 1: the costs the
+        zero-bubble generators order by (``plait train --schedule-costs``). Needs a schedule that
+        splits the backward (zb-h1, zb-v, ...); a timeline without B and W raises ValueError.
+
+        Example::
+
+            rt.train_step(x, y)   # a zb-v step, say
+            build_schedule("zb-v", 2, 8, 2, costs=rt.gather_timeline().schedule_costs())
+        """
+        med = {}
+        for kind in ("F", "B", "W"):
+            d = [e.duration for e in self.events if e.kind == kind]
+            if not d:
+                kinds = sorted({e.kind for e in self.events} & COMPUTE_KINDS)
+                raise ValueError(
+                    f"no {kind} actions in this timeline (it has {kinds}); measure a schedule "
+                    f"that splits the backward into B and W, such as zb-h1 or zb-v"
+                )
+            med[kind] = statistics.median(d)
+        if med["F"] <= 0:
+            raise ValueError("the forward actions of this timeline took no time")
+        return (1.0, med["B"] / med["F"], med["W"] / med["F"])
 
     def shifted(self, offset: float) -> Timeline:
         return Timeline(

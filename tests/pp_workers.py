@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import weakref
 
@@ -10,7 +11,7 @@ import torch.distributed as dist
 
 from plait.mesh import Mesh
 from plait.models.transformer import ModelConfig, Transformer
-from plait.pipeline import PipelineRuntime, build_schedule, partition
+from plait.pipeline import PipelineRuntime, build_schedule, partition, shm
 
 CFG = ModelConfig(vocab_size=64, n_layers=8, hidden=32, n_heads=4, ffn=64, max_seq_len=32)
 LR = 0.1
@@ -40,6 +41,17 @@ def reference(steps: list[tuple[int, int, int]]) -> tuple[list[float], list[dict
     return losses, grads
 
 
+@contextlib.contextmanager
+def _ring_bytes(n: int | None):
+    """Shared-memory rings of ``n`` bytes while a runtime connects (None: the default)."""
+    old = shm.RING_BYTES
+    shm.RING_BYTES = n or old
+    try:
+        yield
+    finally:
+        shm.RING_BYTES = old
+
+
 def run_cases(mesh_shape: tuple[int, int, int], cases: list[dict]) -> list[dict]:
     """Run each case's training steps (and an inference pass) on this rank's stages."""
     mesh = Mesh(*mesh_shape)
@@ -50,14 +62,16 @@ def run_cases(mesh_shape: tuple[int, int, int], cases: list[dict]) -> list[dict]
         model = Transformer(CFG, seed=0).double()
         stages = partition(model, sched.num_stages, balance=case.get("balance", "layers"))
         mine = {s: stages[s] for s in sched.stages_of(mesh.pp_rank)}
-        rt = PipelineRuntime(
-            mine,
-            sched,
-            mesh,
-            Transformer.loss,
-            checkpoint=case.get("checkpoint", False),
-            prefetch=case.get("prefetch"),
-        )
+        with _ring_bytes(case.get("ring_bytes")):
+            rt = PipelineRuntime(
+                mine,
+                sched,
+                mesh,
+                Transformer.loss,
+                checkpoint=case.get("checkpoint", False),
+                prefetch=case.get("prefetch"),
+                transport=case.get("transport", "auto"),
+            )
         params = {n: q for s in mine.values() for n, q in s.named_parameters()}
         losses, grads = [], []
         t0 = time.monotonic()
@@ -96,6 +110,7 @@ def run_cases(mesh_shape: tuple[int, int, int], cases: list[dict]) -> list[dict]
                 "merged_ranks": sorted({e.rank for e in merged.events}),
                 "bubble": merged.bubble_fraction(),
                 "params_after": {n: q.detach().clone() for n, q in params.items()},
+                "transport": rt.transport,
             }
         )
     return out

@@ -174,6 +174,8 @@ def _check_cases(results: list[list[dict]]) -> None:
         for rank in results:  # every pipeline rank reports the same loss
             assert_close_losses(rank[ci]["losses"], ref_losses)
             assert rank[ci]["timeline_ok"], case
+            # CPU ranks on one host talk through shared memory unless told otherwise
+            assert rank[ci]["transport"] == ("process-group" if case.get("transport") else "shm")
         inferred = [r[ci]["infer"] for r in results if r[ci]["infer"] is not None]
         assert inferred, "no rank returned the inference output"
         model = Transformer(W.CFG, seed=0).double()
@@ -196,6 +198,10 @@ def test_p2_every_schedule_matches_single_process_with_tensor_parallel_peers():
     cases = [dict(name=n, v=v, m=4, steps=steps) for n, v in SCHEDULE_CASES]
     cases.append(dict(name="1f1b", m=4, steps=steps[:2], checkpoint=True))
     cases.append(dict(name="zb-h1", m=3, steps=steps[:2], balance="params", checkpoint=True))
+    # gloo itself, and rings so small that activations take the process group while headers and
+    # the loss take the rings (each route keeps its own order)
+    cases.append(dict(name="1f1b", m=4, steps=steps, transport="process-group"))
+    cases.append(dict(name="interleaved-1f1b", v=2, m=4, steps=steps, ring_bytes=2048))
     results = launch(W.run_cases, 4, (1, 2, 2), cases, threads_per_worker=1)
     _check_cases(results)
     assert results[0][0]["merged_ranks"] == [0, 1]

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from plait.trace import Event, Timeline
 
 
@@ -27,3 +29,11 @@ def test_chrome_trace_has_one_track_per_rank(tmp_path):
     assert spans[0]["ts"] == 0 and spans[0]["dur"] == 1e6
     png = tl.draw(tmp_path / "t.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_schedule_costs_are_median_durations_relative_to_the_forward():
+    ev = [Event(0, "F", "F", 0, d) for d in (2.0, 2.0, 9.0)]  # a slow outlier: medians
+    ev += [Event(1, "B", "B", 0, d) for d in (3.0, 2.0)] + [Event(1, "W", "W", 0, 1.0)]
+    assert Timeline(2, ev).schedule_costs() == (1.0, 1.25, 0.5)
+    with pytest.raises(ValueError, match=r"no B actions in this timeline \(it has \['BW', 'F'\]\)"):
+        Timeline(1, [Event(0, "F", "F", 0, 1), Event(0, "BW", "BW", 1, 3)]).schedule_costs()

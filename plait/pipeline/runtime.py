@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from plait import comm, heartbeat
+from plait.pipeline import shm
 from plait.pipeline.payload import decode_header, encode_header, flatten, unflatten
 from plait.pipeline.schedule import Action, Kind, Schedule
 from plait.pipeline.validate import validate
@@ -145,6 +146,12 @@ class PipelineRuntime:
             for it (up to milliseconds each; posting them all while the pairs are idle made
             interleaved 1F1B 6% and 1F1B 2-3% faster on the 2-core development machine), and
             ``"timed"`` elsewhere (NCCL posts cheaply, and GPU memory is dearer).
+        transport: how messages move between pipeline ranks. ``"auto"`` (default): through
+            shared-memory rings (:mod:`plait.pipeline.shm`) where every pipeline rank runs on
+            the CPU of one x86-64 Linux host with gloo, else the process group; ``"shm"``:
+            shared memory or an error saying why not; ``"process-group"``: always the process
+            group. Constructing the runtime is then collective over the pipeline ranks (they
+            exchange the rings' names). :attr:`transport` says which one is in use.
 
     Performance note (CPU): zero-bubble schedules hold W's inputs across other work; with
     glibc's default trimming, freed memory goes back to the OS and is page-faulted back on the
@@ -169,8 +176,11 @@ class PipelineRuntime:
         checkpoint: bool | Iterable[int] = False,
         uneven: bool = True,
         prefetch: int | str | None = None,
+        transport: str = "auto",
     ):
         self.mesh = mesh if mesh is not None else _WorldPipe()
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport={transport!r} is not valid; use one of {TRANSPORTS}")
         if prefetch is None:
             gloo = dist.is_initialized() and dist.get_backend() == "gloo"
             prefetch = "all" if gloo else "timed"
@@ -212,9 +222,14 @@ class PipelineRuntime:
         self._train_plan = _Plan(schedule, self.pp_rank, prefetch, self._peer)
         self._infer_plan = _Plan(schedule.forward_only(), self.pp_rank, prefetch, self._peer)
         # Point-to-point messages go straight to the default process group (what dist.isend and
-        # dist.irecv call after their per-call argument checks); peers are global ranks.
+        # dist.irecv call after their per-call argument checks), or through shared memory
+        # between CPU ranks on one host; peers are global ranks.
         self._pg = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
-        self._loss_p2p = self._pg is not None and dist.get_backend() == "gloo"
+        self._transport, self.transport = self._connect(transport, p)
+        self._p2p = self._transport or self._pg
+        self._loss_p2p = self._pg is not None and (
+            self._transport is not None or dist.get_backend() == "gloo"
+        )
         # Zero-bubble split: plain Linear layers have their weight gradient deferred to W.
         split = any(a.kind is Kind.W for a in schedule.actions[self.pp_rank])
         self._deferred: dict[int, list[nn.Linear]] = {}
@@ -238,6 +253,29 @@ class PipelineRuntime:
         self._in_meta: dict[tuple, tuple] = {}  # outputs of a previous stage on another rank
         self._sent_meta: dict[tuple, tuple] = {}  # headers sent, and what they said
         self._pending_sends: deque = deque()
+        self._closed = False
+
+    def _connect(self, transport: str, p: int):
+        """(shared-memory transport or None, name of the transport in use)."""
+        if self._pg is None or p == 1 or transport == "process-group":
+            return None, "process-group"
+        gloo = dist.get_backend() == "gloo"
+        if transport == "auto" and not gloo:
+            return None, "process-group"
+        blocked = None if gloo else f"the backend is {dist.get_backend()}, not gloo"
+        devices = {q.device.type for m in self.stages.values() for q in m.parameters()}
+        if blocked is None and devices - {"cpu"}:
+            blocked = f"stage parameters are on {sorted(devices - {'cpu'})}, not the CPU"
+        found, why = shm.connect(
+            shm.pairs_of(self.schedule),
+            self.pp_rank,
+            self.mesh.pp_peer,
+            self.mesh.group("pp"),
+            blocked=blocked,
+        )
+        if found is None and transport == "shm":
+            raise RuntimeError(f"transport='shm' is not possible here: {why}")
+        return found, "shm" if found is not None else "process-group"
 
     @classmethod
     def from_model(
@@ -340,9 +378,9 @@ class PipelineRuntime:
         if not self._loss_p2p:
             return [dist.broadcast(buf, src=src, group=self.mesh.group("pp"), async_op=True)]
         if self.pp_rank != last_rank:
-            return [self._pg.recv([buf], src, _LOSS_TAG)]
+            return [self._p2p.recv([buf], src, _LOSS_TAG)]
         return [
-            self._pg.send([buf], self.mesh.pp_peer(r), _LOSS_TAG)
+            self._p2p.send([buf], self.mesh.pp_peer(r), _LOSS_TAG)
             for r in range(p)
             if r != last_rank
         ]
@@ -376,8 +414,12 @@ class PipelineRuntime:
         return Timeline(p, [e for part in parts for e in part])
 
     def close(self) -> None:
-        """Release what the runtime holds between steps (its forward hooks live only in a step)."""
+        """Release what the runtime holds between steps (its forward hooks live only in a step)
+        and its shared-memory rings; a closed runtime runs no more steps."""
         self._pending_sends = deque()
+        if self._transport is not None:
+            self._transport.close()
+        self._closed = True
 
     # -- execution -------------------------------------------------------------------------------
 
@@ -394,6 +436,8 @@ class PipelineRuntime:
         return self.mesh.pp_peer(self.schedule.stage_to_rank[stage])
 
     def _run(self, plan: _Plan, step: _Step) -> None:
+        if self._closed:
+            raise RuntimeError("this PipelineRuntime was closed; build a new one to run steps")
         events: list[Event] = []
         posted: dict[int, tuple] = {}
         queues = {src: deque(idx) for src, idx in plan.recvs_by_source.items()}
@@ -573,8 +617,8 @@ class PipelineRuntime:
             if key not in self._sent_meta:
                 header = encode_header(*meta)
                 size = torch.tensor([header.numel()], dtype=torch.int64)
-                self._pending_sends.append((size, self._pg.send([size], dst, 0)))
-                self._pending_sends.append((header, self._pg.send([header], dst, 0)))
+                self._pending_sends.append((size, self._p2p.send([size], dst, 0)))
+                self._pending_sends.append((header, self._p2p.send([header], dst, 0)))
                 self._sent_meta[key] = meta
             elif self._sent_meta[key] != meta:
                 raise RuntimeError(
@@ -588,7 +632,7 @@ class PipelineRuntime:
         phase = "forward" if a.kind is Kind.SEND_ACT else "backward"
         for t in tensors:
             comm.record("send", t.numel() * t.element_size(), axis="pp", phase=phase)
-            self._pending_sends.append((t, self._pg.send([t], dst, 0)))
+            self._pending_sends.append((t, self._p2p.send([t], dst, 0)))
 
     def _recv_meta(self, a: Action, step: _Step) -> list | None:
         """``[(shape, dtype), ...]`` of what ``a`` receives, if known without a header."""
@@ -600,7 +644,7 @@ class PipelineRuntime:
 
     def _post(self, metas: list, src: int) -> list:
         bufs = [torch.empty(shape, dtype=dtype) for shape, dtype in metas]
-        return [(b, self._pg.recv([b], src, 0)) for b in bufs]
+        return [(b, self._p2p.recv([b], src, 0)) for b in bufs]
 
     def _post_receives(self, plan, i: int, queues, posted, step: _Step) -> int:
         """Post the receives due by action ``i``; returns the next action index one is due."""
@@ -626,9 +670,9 @@ class PipelineRuntime:
             metas = self._recv_meta(a, step)
             if metas is None:  # first time this input shape crosses: learn it
                 size = torch.empty(1, dtype=torch.int64)
-                self._pg.recv([size], src, 0).wait()
+                self._p2p.recv([size], src, 0).wait()
                 header = torch.empty(int(size.item()), dtype=torch.uint8)
-                self._pg.recv([header], src, 0).wait()
+                self._p2p.recv([header], src, 0).wait()
                 learnt = decode_header(header)
                 self._in_meta[(a.stage - 1, step.keys[a.microbatch], step.training)] = learnt
                 metas = [(sh, dt) for sh, dt, _ in learnt[1]]
@@ -688,6 +732,8 @@ class _Plan:
             self.source[j] = peer(src_stage)
             self.recvs_by_source.setdefault(self.source[j], []).append(j)
 
+
+TRANSPORTS = ("auto", "shm", "process-group")
 
 # The tag of the loss messages on gloo (activations and gradients use tag 0).
 _LOSS_TAG = 1

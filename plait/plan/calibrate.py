@@ -3,12 +3,15 @@
 What matters for a plait run on CPU workers is measured directly, one thread per worker as
 ``plait train`` pins them: matrix-multiply FLOP/s at transformer widths, the attention kernel,
 element-wise memory bandwidth, the per-op dispatch overhead, an AdamW step per parameter, and
-gloo all-reduce and point-to-point latency and bandwidth between two :func:`plait.launch` workers.
+gloo all-reduce latency and bandwidth and point-to-point ones (over the transport the pipeline
+runtime uses: shared memory between CPU workers on one host) between two :func:`plait.launch`
+workers.
 Those two workers then time the real reference model at full and at half width, both at once as
 in a parallel job, which gives the factors the rates alone miss and how far the slower worker
 lags (see :func:`_fit_scales`). Every figure is a mean or median over many turns, interleaved, so
 that calibrating again gives the same predictions to within a few per cent.
-The result is cached in ``~/.cache/plait/local-<key>.json`` keyed by torch version and CPU count;
+The result is cached in ``~/.cache/plait/local-<key>.json`` keyed by the measurement's version,
+torch version and CPU count;
 ``refresh=True`` (``plait plan --hardware local --recalibrate``) measures again.
 
 Example::
@@ -36,7 +39,8 @@ def cache_path() -> Path:
     import torch
 
     root = Path(os.environ.get("PLAIT_CACHE", Path.home() / ".cache" / "plait"))
-    key = f"torch{torch.__version__}-cpu{os.cpu_count()}".replace("+", "_")
+    # v2: point-to-point measured over the pipeline's shared-memory transport
+    key = f"v2-torch{torch.__version__}-cpu{os.cpu_count()}".replace("+", "_")
     return root / f"local-{key}.json"
 
 
@@ -222,8 +226,14 @@ def _comm_worker() -> dict:
     import torch
     import torch.distributed as dist
 
+    from plait.pipeline import shm
+
     rank = dist.get_rank()
     out = {}
+    # Point-to-point as the pipeline runtime sends it: through shared-memory rings between CPU
+    # workers on one host (plait.pipeline.shm), else the process group.
+    p2p, _ = shm.connect({(0, 1, 0), (1, 0, 0)}, rank, lambda r: r)
+    p2p = p2p or dist.group.WORLD
     # A short matmul chain stands in for the compute between two collectives of a step.
     a, w = torch.randn(256, 256), torch.randn(256, 256)
 
@@ -240,11 +250,11 @@ def _comm_worker() -> dict:
 
         def pingpong(buf=buf):
             if rank == 0:
-                dist.send(buf, 1)
-                dist.recv(buf, 1)
+                p2p.send([buf], 1, 0).wait()
+                p2p.recv([buf], 1, 0).wait()
             else:
-                dist.recv(buf, 0)
-                dist.send(buf, 0)
+                p2p.recv([buf], 0, 0).wait()
+                p2p.send([buf], 0, 0).wait()
 
         out[f"allreduce_{label}"] = _fixed(allreduce)
         dist.barrier()
