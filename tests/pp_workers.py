@@ -323,3 +323,25 @@ def hf_clip_reference(directory: str, steps: int, max_norm: float):
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)))
         opt.step()
     return {"norms": norms, "losses": losses}
+
+
+def shm_connect(blocked_rank: int | None) -> dict:
+    """connect() on every rank, one of them refusing: do they agree, and is /dev/shm clean?"""
+    import os
+
+    r = dist.get_rank()
+    pairs = {(0, 1, 0), (1, 0, 0), (1, 0, 1)}
+    blocked = "told not to" if r == blocked_rank else None
+    before = set(os.listdir("/dev/shm"))
+    transport, why = shm.connect(pairs, r, lambda k: k, blocked=blocked)
+    out = {"connected": transport is not None, "why": why}
+    if transport is not None:
+        x = torch.arange(1000, dtype=torch.float64) * (r + 1)
+        buf = torch.empty_like(x)
+        transport.send([x], 1 - r, 0)
+        transport.recv([buf], 1 - r, 0).wait()
+        out["got"] = buf
+        transport.close()
+    dist.barrier()
+    out["left"] = [n for n in set(os.listdir("/dev/shm")) - before if n.startswith("plait-p2p-")]
+    return out

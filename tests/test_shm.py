@@ -158,3 +158,21 @@ def test_transport_must_name_a_choice():
     rt.close()
     with pytest.raises(RuntimeError, match="was closed"):
         rt.train_step(torch.zeros(2, 4, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
+
+
+@pytest.mark.slow
+def test_every_rank_agrees_on_the_transport_and_nothing_is_left_in_dev_shm():
+    import pp_workers as W
+
+    from plait import launch
+
+    both = launch(W.shm_connect, 2, None, threads_per_worker=1, timeout=60)
+    for r, res in enumerate(both):
+        assert res["connected"] and res["why"] == ""
+        assert torch.equal(res["got"], torch.arange(1000, dtype=torch.float64) * (2 - r))
+    # one rank that cannot: both keep the process group, and both say which rank and why
+    refused = launch(W.shm_connect, 2, 1, threads_per_worker=1, timeout=60)
+    assert [res["connected"] for res in refused] == [False, False]
+    assert {res["why"] for res in refused} == {"pipeline rank 1: told not to"}
+    # the files are unlinked once mapped (or given up), whichever way set-up ended
+    assert all(res["left"] == [] for res in both + refused)
