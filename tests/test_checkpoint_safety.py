@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -191,6 +192,24 @@ def test_bad_checkpoint_directories_are_refused_before_training(tmp_path, capsys
 def _limit_file_size():
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past it fail (EFBIG) instead
+
+
+@pytest.mark.slow
+def test_a_save_that_fails_on_one_rank_fails_on_every_rank_naming_it(tmp_path):
+    import workers
+
+    from plait import launch
+
+    t0 = time.monotonic()
+    res = launch(workers.save_failing_on, 2, 1, str(tmp_path), threads_per_worker=1, timeout=30)
+    assert time.monotonic() - t0 < 25  # nobody waited out the timeout in an abandoned collective
+    for r in res:
+        assert r["error"].startswith(f"could not write checkpoint {tmp_path}/step-00000001.partial")
+        assert (
+            "rank 1: rank00001.safetensors: [Errno 28] No space left on device; removed it"
+            in (r["error"])
+        )
+    assert os.listdir(tmp_path) == []  # no .partial, no checkpoint
 
 
 def test_a_save_that_cannot_finish_leaves_no_partial_and_says_why(tmp_path):

@@ -138,3 +138,21 @@ def store_listeners(_=None) -> list[str]:
                 if fields[1].endswith(":" + port) and fields[3] == "0A":  # 0A: LISTEN
                     out.append(fields[1].rsplit(":", 1)[0])
     return out
+
+
+def save_failing_on(bad_rank: int, directory: str) -> dict:
+    """Every rank saves its own tensor; ``bad_rank``'s write fails (a full disk, say)."""
+    from plait.train import store
+
+    rank = dist.get_rank()
+    if rank == bad_rank:
+
+        def full(path, tensors):
+            raise OSError(28, "No space left on device")
+
+        store._write_shard = full
+    try:
+        store.save_checkpoint(directory, 1, {f"t{rank}": torch.ones(3) * rank})
+        return {"error": None}
+    except store.CheckpointError as e:
+        return {"error": str(e)}

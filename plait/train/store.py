@@ -16,7 +16,9 @@ byte, a truncated or missing file is refused with one line naming the file, and
 
 Atomicity: files are written into ``step-NNNNNNNN.partial/`` (each fsynced) and the directory is
 renamed only after every rank has finished and the manifest is on disk. A save that fails
-(disk full, permissions) removes its ``.partial`` and raises :class:`CheckpointError`.
+(disk full, permissions) removes its ``.partial`` and raises :class:`CheckpointError`, on every
+rank alike: each rank's outcome travels with the collective that follows it, so a failure on one
+rank never leaves the others waiting in a collective it has left.
 """
 
 from __future__ import annotations
@@ -111,57 +113,91 @@ def save_checkpoint(
         json.dumps(values)
     except TypeError as e:
         raise CheckpointError(f"checkpoint values must be tensors or JSON values: {e}") from e
+    # Every rank learns of a failure on any rank at the next collective and raises the same
+    # error there, so none is left waiting in a collective its peers have abandoned.
+    error = None
     if rank == 0:
-        _prepare(root, partial)
+        try:
+            _prepare(root, partial)
+        except CheckpointError as e:
+            error = str(e)
+    _agree(error, f"could not start checkpoint {final}")
     owners = _owners(sorted(tensors))
     mine = {k: v for k, v in tensors.items() if owners[k] == rank}
-    info = None
-    if _dist():
-        dist.barrier()
+    info = error = None
     try:
         if mine:
             info = _write_shard(partial / _SHARD.format(rank), mine)
     except Exception as e:  # noqa: BLE001 - disk full, quota, I/O: safetensors' or the OS's
-        shutil.rmtree(partial, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint {partial}: {e}; removed it") from e
-    infos = [info]
-    if _dist():
-        infos = [None] * dist.get_world_size()
-        dist.all_gather_object(infos, info)
-    if rank == 0:
-        manifest = {
-            **(meta or {}),
-            "format": FORMAT,
-            "step": step,
-            "files": {},
-            "tensors": {},
-            "values": {**values, "step": step},
-        }
-        for item in infos:
-            if item is None:
-                continue
-            name, digest, size, index = item
-            manifest["files"][name] = {"sha256": digest, "bytes": size}
-            for key, (shape, dtype) in index.items():
-                manifest["tensors"][key] = {"file": name, "shape": shape, "dtype": dtype}
-        try:
-            write_manifest(partial, manifest)
-            _fsync_dir(partial)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            _fsync_dir(root)
-        except OSError as e:
+        error = f"{_SHARD.format(rank)}: {e}"
+    gathered = _gather((info, error))
+    failed = [(r, err) for r, (_, err) in enumerate(gathered) if err is not None]
+    if failed:
+        if rank == 0:  # every rank is done writing: nothing writes into it any more
             shutil.rmtree(partial, ignore_errors=True)
-            raise CheckpointError(f"could not complete checkpoint {final}: {e}; removed it") from e
-        steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
-        for later in (p for p in steps if p.name > final.name):
-            _set_aside(later)
-        for old in [p for p in steps if p.name <= final.name][:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    if _dist():
-        dist.barrier()
+        raise CheckpointError(
+            _failure(f"could not write checkpoint {partial}", failed) + "; removed it"
+        )
+    error = None
+    if rank == 0:
+        error = _finish(root, partial, final, step, keep, meta, values, gathered)
+    _agree(error, f"could not complete checkpoint {final}")
     return final
+
+
+def _finish(root, partial, final, step, keep, meta, values, gathered) -> str | None:
+    """Rank 0: write the manifest, publish the checkpoint, rotate; the error, if any."""
+    manifest = {
+        **(meta or {}),
+        "format": FORMAT,
+        "step": step,
+        "files": {},
+        "tensors": {},
+        "values": {**values, "step": step},
+    }
+    for item, _ in gathered:
+        if item is None:
+            continue
+        name, digest, size, index = item
+        manifest["files"][name] = {"sha256": digest, "bytes": size}
+        for key, (shape, dtype) in index.items():
+            manifest["tensors"][key] = {"file": name, "shape": shape, "dtype": dtype}
+    try:
+        write_manifest(partial, manifest)
+        _fsync_dir(partial)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(partial, ignore_errors=True)
+        return f"{e}; removed {partial}"
+    steps = sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
+    for later in (p for p in steps if p.name > final.name):
+        _set_aside(later)
+    for old in [p for p in steps if p.name <= final.name][:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return None
+
+
+def _gather(obj) -> list:
+    """``obj`` of every rank (a list of one without a process group)."""
+    if not _dist():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _failure(what: str, failed: list[tuple[int, str]]) -> str:
+    return what + ": " + "; ".join(f"rank {r}: {err}" for r, err in failed)
+
+
+def _agree(error: str | None, what: str) -> None:
+    """Raise the same CheckpointError on every rank when any rank passes an error."""
+    failed = [(r, err) for r, err in enumerate(_gather(error)) if err is not None]
+    if failed:
+        raise CheckpointError(_failure(what, failed))
 
 
 def _set_aside(path: Path) -> None:
