@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from plait.config import add_parallel_flags, parallel_from_args
+from plait.config import TRANSPORTS, add_parallel_flags, parallel_from_args
 from plait.infer.cli import add_infer_parser
 from plait.plan.cli import add_plan_parser, add_simulate_parser
 
@@ -43,6 +43,13 @@ def _add_train(sub) -> None:
     )
     mesh = p.add_argument_group("how the step is split (world = dp x pp x tp local workers)")
     add_parallel_flags(mesh, TRAIN_PARALLEL_FLAGS)
+    mesh.add_argument(
+        "--p2p",
+        choices=TRANSPORTS,
+        default="auto",
+        help="how pipeline ranks exchange activations and gradients: shared memory between CPU "
+        "workers of one host (auto, or shm to insist), else the process group",
+    )
     mesh.add_argument(
         "--loss-scale",
         type=float,

@@ -27,6 +27,7 @@ __all__ = [
     "RECOMPUTE",
     "DTYPES",
     "PRECISIONS",
+    "TRANSPORTS",
     "resolve_schedule",
     "resolve_dtype",
     "resolve_virtual",
@@ -100,6 +101,9 @@ _DTYPE_ALIASES = {"float32": "fp32", "float64": "fp64", "bfloat16": "bf16", "flo
 # How training computes: ``fp32`` (in ``dtype``), or mixed: the low dtype for compute (autocast),
 # float32 master weights, optimizer state and gradients; fp16 with dynamic loss scaling.
 PRECISIONS = ("fp32", "bf16-mixed", "fp16-mixed")
+# How pipeline ranks exchange messages (PipelineRuntime(transport=...), plait train --p2p):
+# shared memory where every rank is a CPU process of one host, else the process group.
+TRANSPORTS = ("auto", "shm", "process-group")
 
 
 def schedule_names() -> list[str]:

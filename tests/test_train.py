@@ -95,6 +95,7 @@ def test_cli_help_lists_commands():
         (["--checkpoint-every", "-1"], "--checkpoint-every -1 is not valid"),
         (["--timeout", "0"], "--timeout must be a positive number of seconds"),
         (["--virtual", "3"], "virtual=3 needs a pipeline (pp > 1)"),
+        (["--p2p", "tcp"], "argument --p2p: invalid choice: 'tcp'"),
     ],
 )
 def test_cli_bad_input_is_named(args, message):
@@ -112,3 +113,18 @@ def test_a_checkpoint_dir_alone_saves_at_the_end_and_an_empty_resume_says_so(tmp
     train(TrainConfig(steps=2, checkpoint_dir=str(ck), resume=True, progress=False))
     assert "--resume: no complete checkpoint in" in capsys.readouterr().err
     assert latest_checkpoint(ck).name == "step-00000002"  # no --checkpoint-every: at the end
+
+
+@pytest.mark.slow
+def test_the_pipeline_transport_changes_no_bit_of_training():
+    from plait import ParallelConfig
+
+    def losses(p2p: str) -> list[float]:
+        cfg = TrainConfig(steps=4, parallel=ParallelConfig(pp=2), p2p=p2p, progress=False)
+        return [r["loss"] for r in train(cfg)]
+
+    assert losses("shm") == losses("process-group")
+    with pytest.raises(
+        ValueError, match=r"p2p 'tcp' is not one of \['auto', 'shm', 'process-group'\]"
+    ):
+        TrainConfig(p2p="tcp").validate()

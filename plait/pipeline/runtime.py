@@ -47,6 +47,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from plait import comm, heartbeat
+from plait.config import TRANSPORTS
 from plait.pipeline import shm
 from plait.pipeline.payload import decode_header, encode_header, flatten, unflatten
 from plait.pipeline.schedule import Action, Kind, Schedule
@@ -732,8 +733,6 @@ class _Plan:
             self.source[j] = peer(src_stage)
             self.recvs_by_source.setdefault(self.source[j], []).append(j)
 
-
-TRANSPORTS = ("auto", "shm", "process-group")
 
 # The tag of the loss messages on gloo (activations and gradients use tag 0).
 _LOSS_TAG = 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from plait.config import ParallelConfig
+from plait.config import TRANSPORTS, ParallelConfig
 from plait.models.source import resolve_model
 
 __all__ = ["TrainConfig", "lr_at", "TRAIN_DTYPES"]
@@ -47,6 +47,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     data: str | None = None
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    p2p: str = "auto"  # pipeline messages: plait.config.TRANSPORTS (PipelineRuntime transport)
     # fp16-mixed's dynamic loss scaling (plait.train.precision.LossScaler)
     loss_scale: float = 2.0**16  # the initial scale
     loss_scale_window: int = 1000  # finite steps in a row before the scale doubles
@@ -83,6 +84,8 @@ class TrainConfig:
         pc = self.parallel
         if not isinstance(pc, ParallelConfig):
             raise ValueError(f"parallel must be a plait.ParallelConfig, got {type(pc).__name__}")
+        if self.p2p not in TRANSPORTS:
+            raise ValueError(f"p2p {self.p2p!r} is not one of {list(TRANSPORTS)}")
         for name in ("steps", "batch_size", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

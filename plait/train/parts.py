@@ -155,6 +155,7 @@ def _check_unshared(stages: dict[int, nn.Module]) -> None:
 
 def build_local(full: nn.Module, mesh: Mesh, cfg, source) -> LocalModel:
     """This rank's :class:`LocalModel` for the mesh and config (shards ``full`` in place)."""
+    transport = cfg.p2p
     cfg = cfg.parallel
     fsdp = cfg.fsdp  # each block, and each stage's rest, fully sharded over dp (train.fsdp)
     if fsdp:
@@ -198,7 +199,9 @@ def build_local(full: nn.Module, mesh: Mesh, cfg, source) -> LocalModel:
         _check_unshared(stages)
         for stage in stages.values():
             shard(stage)
-    runtime = PipelineRuntime(stages, schedule, mesh, loss_fn, checkpoint=recompute)
+    runtime = PipelineRuntime(
+        stages, schedule, mesh, loss_fn, checkpoint=recompute, transport=transport
+    )
     if fsdp and any(runtime._deferred.values()):
         raise RuntimeError(
             "--fsdp: the pipeline runtime defers weight gradients of some stages to a W step "
