@@ -6,7 +6,8 @@ Every pipeline rank builds a :class:`PipelineRuntime` with its own stage modules
 order, which the validator has proved free of deadlock:
 
 - F, B, W, BW run the stage module (B and W split the backward, see below);
-- SEND_* post an ``isend`` and move on; sends are reaped as they complete and waited for at the
+- SEND_* post an ``isend`` (through shared-memory rings between CPU ranks on one host,
+  :mod:`plait.pipeline.shm`; else the process group) and move on; sends are reaped as they complete and waited for at the
   end of the step, so compute never waits for a send;
 - RECV_* wait for an ``irecv`` posted earlier, so the sender finds the receive ready and its
   ``isend`` moves the data at once instead of waiting for the receiver (gloo moves data only when
