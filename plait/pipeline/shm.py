@@ -409,7 +409,7 @@ def connect(
         {(global_rank(src), tag): ring for (src, tag), ring in got.items()},
         peers,
         _timeout_s(),
-        _oversubscribed(),
+        _oversubscribed(len(infos)),
     )
     return transport, ""
 
@@ -444,8 +444,10 @@ def _timeout_s() -> float:
         return datetime.timedelta(minutes=30).total_seconds()
 
 
-def _oversubscribed() -> bool:
-    procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+def _oversubscribed(local_ranks: int) -> bool:
+    """More compute threads on this host than usable CPUs: ``LOCAL_WORLD_SIZE`` processes (as
+    plait's launcher and torchrun set it; at least the ``local_ranks`` pipeline ranks here)."""
+    procs = max(int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0), local_ranks)
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
