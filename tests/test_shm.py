@@ -176,3 +176,15 @@ def test_every_rank_agrees_on_the_transport_and_nothing_is_left_in_dev_shm():
     assert {res["why"] for res in refused} == {"pipeline rank 1: told not to"}
     # the files are unlinked once mapped (or given up), whichever way set-up ended
     assert all(res["left"] == [] for res in both + refused)
+
+
+def test_a_full_dev_shm_keeps_the_process_group(monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm.os, "posix_fallocate", full)
+    monkeypatch.setattr(shm, "_all_gather", lambda obj, group: [obj])  # a one-rank "group"
+    transport, why = shm.connect({(0, 0, 0)}, 0, lambda r: r)
+    assert transport is None
+    assert why.startswith("pipeline rank 0: creating a ring in /dev/shm failed: [Errno 28]")
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("plait-p2p-")]

@@ -83,12 +83,19 @@ class _Ring:
         fd = os.open(path, flags, 0o600)
         try:
             if create:
-                os.ftruncate(fd, _HEADER + capacity)
+                # reserve the memory now: a /dev/shm too small for the ring (Docker's default is
+                # 64 MB) fails here with ENOSPC, and the ranks keep the process group, where a
+                # sparse file would raise SIGBUS at a write in the middle of training
+                os.posix_fallocate(fd, 0, _HEADER + capacity)
             size = os.fstat(fd).st_size
             # fault every page in now: a ring is written all round, and a page first touched in
             # a step costs a fault (and the writer's side a zeroed page) inside a send
             populate = getattr(mmap, "MAP_POPULATE", 0)
             self._mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | populate)
+        except BaseException:
+            if create:  # a ring that could not be made leaves no file behind
+                os.unlink(path)
+            raise
         finally:
             os.close(fd)
         self.path = path
