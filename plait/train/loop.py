@@ -226,7 +226,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                 if scaler is not None:
                     scaler.unscale_(unique.values())  # after the fp32 sums, before clipping
                 t2 = time.perf_counter()
-                heartbeat.beat("clip gradients")
+                heartbeat.beat("clip gradients (norm all-reduce)")
                 norm = clip_grad_norm(
                     unique.values(),
                     cfg.grad_clip,
@@ -236,6 +236,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                     not_here=tied_grads.not_here,
                     dp_group=mesh.group("dp") if pc.fsdp else None,
                 )
+                heartbeat.beat("mean loss over dp (all-reduce)")
                 loss = mean_over(loss, mesh.group("dp"))
                 finite = math.isfinite(loss) and math.isfinite(norm)  # the same on every rank
                 if not finite and (scaler is None or scaler.at_floor):
@@ -248,6 +249,7 @@ def run_rank(cfg: TrainConfig) -> list[dict] | None:
                 # fp16: an overflow skips the step and halves the scale
                 skipped = scaler.update(finite) if scaler is not None else False
                 if not skipped:
+                    heartbeat.beat("optimizer step")  # with --zero1: each shard broadcast
                     opt.step()
                 t3 = time.perf_counter()
                 dt = t3 - t0
