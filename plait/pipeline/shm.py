@@ -141,18 +141,29 @@ class _Ring:
 class _Work:
     """A send or receive through a ring: ``wait()`` and ``is_completed()`` as a process group's."""
 
-    __slots__ = ("_transport", "view", "done", "tensor", "what")
+    __slots__ = ("_transport", "view", "done", "tensor", "peer", "sending")
 
-    def __init__(self, transport: ShmTransport, tensor: torch.Tensor, what: str):
+    def __init__(self, transport: ShmTransport, tensor: torch.Tensor, peer: int, sending: bool):
         self._transport = transport
         self.tensor = tensor  # keeps the bytes alive until they have moved
+        self.peer, self.sending = peer, sending
         n = _nbytes(tensor)
         if tensor.device.type != "cpu" or not tensor.is_contiguous():
-            raise ValueError(f"shared-memory messages are contiguous CPU tensors, got {what}")
+            raise ValueError(
+                f"shared-memory messages are contiguous CPU tensors, got {self.what} "
+                f"({tensor.device.type}, contiguous={tensor.is_contiguous()})"
+            )
         raw = (ctypes.c_char * n).from_address(tensor.data_ptr()) if n else b""
         self.view = memoryview(raw).cast("B")
         self.done = 0
-        self.what = what
+
+    @property
+    def what(self) -> str:
+        """The message, in words (for errors only: not built on the hot path)."""
+        n = _nbytes(self.tensor)
+        if self.sending:
+            return f"a send of {n} bytes to rank {self.peer}"
+        return f"a message of {n} bytes from rank {self.peer}"
 
     def is_completed(self) -> bool:
         if self.done < len(self.view):
@@ -161,7 +172,7 @@ class _Work:
 
     def wait(self) -> bool:
         if self.done < len(self.view):
-            self._transport.wait_until(lambda: self.done >= len(self.view), self.what)
+            self._transport.wait_until(lambda: self.done >= len(self.view), lambda: self.what)
         return True
 
 
@@ -209,7 +220,7 @@ class ShmTransport:
         """Queue ``tensors[0]`` for ``dst``; it moves while the receiver takes it (see above)."""
         (t,) = tensors
         ch = self._channel(self._out, dst, tag, "to")
-        work = self._queue(ch, _Work(self, t, f"a send of {_nbytes(t)} bytes to rank {dst}"))
+        work = self._queue(ch, _Work(self, t, dst, sending=True))
         if work.done < len(work.view) and ch.queue[0] is work:
             clock = time.perf_counter
             moved, last = work.done, clock()
@@ -226,7 +237,7 @@ class ShmTransport:
         """Post ``tensors[0]`` for the next message from ``src`` under ``tag``."""
         (t,) = tensors
         ch = self._channel(self._in, src, tag, "from")
-        return self._queue(ch, _Work(self, t, f"a message of {_nbytes(t)} bytes from rank {src}"))
+        return self._queue(ch, _Work(self, t, src, sending=False))
 
     def _channel(self, table: dict, peer: int, tag: int, direction: str) -> _Channel:
         ch = table.get((peer, tag))
@@ -250,8 +261,9 @@ class ShmTransport:
         if self._busy:
             self._busy = [ch for ch in self._busy if ch.move()]
 
-    def wait_until(self, done: Callable[[], bool], what: str) -> None:
-        """Progress until ``done()``; fails when a peer dies or the timeout passes."""
+    def wait_until(self, done: Callable[[], bool], what: Callable[[], str]) -> None:
+        """Progress until ``done()``; fails when a peer dies or the timeout passes (``what()``
+        says what was awaited)."""
         clock = time.perf_counter
         start = clock()
         spin_until, check_at, nap = start + self._spin_s, start + CHECK_S, _SLEEP_MIN_S
@@ -266,7 +278,7 @@ class ShmTransport:
             nap = min(2 * nap, _SLEEP_MAX_S)
             if now >= check_at:
                 check_at = now + CHECK_S
-                self._check(what, now - start)
+                self._check(what(), now - start)
 
     def _check(self, what: str, waited_s: float) -> None:
         for rank, (pid, start) in self._peers.items():
