@@ -131,11 +131,39 @@ def test_one_rank_pipeline_matches_gradient_accumulation(name, checkpoint):
                 p -= W.LR * p.grad
     assert_close_losses(losses, ref_losses)
     assert [e.name for e in rt.timeline.events] == [str(a) for a in rt.schedule.actions[0]]
-    # zero bubble's Linear input hooks live only during a training step: other code running the
-    # same modules (another runtime, PyTorch's pipelining) never pays for them
-    assert not any(m._forward_hooks for m in model.modules())
+    # zero bubble's recording Linear forwards live only during a training step: other code
+    # running the same modules (another runtime, PyTorch's pipelining) never meets them
+    assert not any("forward" in m.__dict__ for m in model.modules())
     x, _ = W.batch(5, 8, 3)
     torch.testing.assert_close(rt.forward(x), model(x), rtol=1e-12, atol=1e-12)
+    rt.close()
+
+
+def test_zero_bubble_weight_gradients_are_those_of_the_product_whatever_hooks_do():
+    # W forms dW = dy^T x from the Linear's own input and output: a forward hook that replaces
+    # the output (x2 here) or a pre-hook that replaces the input must not change what dy is
+    # taken of; a Linear whose forward was replaced on the instance is left whole to B.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.Linear(8, 3)
+    ).double()
+    net[0].register_forward_hook(lambda m, args, out: out * 2.0)
+    net[2].register_forward_pre_hook(lambda m, args: (args[0].flip(-1),))
+    plain_forward = net[3].forward
+    net[3].forward = lambda x: plain_forward(x) - 1.0
+
+    def loss(y, t):
+        return ((y - t) ** 2).mean()
+
+    x, t = torch.randn(6, 6, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    loss(net(x), t).backward()
+    want = {n: p.grad.clone() for n, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    rt = PipelineRuntime({0: net}, build_schedule("zb-h1", 1, 3), None, loss)
+    assert [m for ms in rt._deferred.values() for m in ms] == [net[0], net[2]]
+    rt.train_step(x, t)
+    assert_close_grads({n: p.grad for n, p in net.named_parameters()}, want)
+    assert "forward" not in net[0].__dict__ and "forward" in net[3].__dict__
     rt.close()
 
 

@@ -25,10 +25,13 @@ when a header comes; steady-state steps send no metadata at all, and sequence le
 may change between steps.
 
 Zero-bubble split of the backward: B computes the gradient of the stage input and of every
-parameter except those of plain ``nn.Linear`` layers, plus the gradient of each such layer's
-output; W then forms those layers' weight gradients (``dy^T x``, the bulk of the backward's
-FLOPs) from the saved input and output gradient. Stages with activation checkpointing do the
-whole backward in B (W is then empty).
+parameter except the weights of plain ``nn.Linear`` layers (their biases included), plus the
+gradient of each such layer's output; W then forms those weights' gradients (``dy^T x``, the
+bulk of the backward's FLOPs) from the saved input and output gradient. During plait's own
+training steps such a layer runs through a recording ``forward`` (``F.linear``, as
+``nn.Linear.forward``), so what is saved is what the weight met, whatever hooks the layer has;
+a Linear whose ``forward`` was already replaced on the instance is left whole to B. Stages with
+activation checkpointing do the whole backward in B (W is then empty).
 
 Gradients: the loss of micro-batch ``i`` is ``loss_fn(out_i, targets_i) * size_i / batch``, so the
 gradients summed over micro-batches equal those of ``loss_fn`` on the whole batch (a mean), with
@@ -115,8 +118,8 @@ class _Step:
     grads_in: dict = field(default_factory=dict)  # gradient of the output of (s, i)
     saved: dict = field(default_factory=dict)  # (input, output or scaled loss) for backward
     sendable: dict = field(default_factory=dict)  # tensors waiting for their SEND action
-    records: dict = field(default_factory=dict)  # Linear (module, input, output) for B/W
-    wgrads: dict = field(default_factory=dict)  # Linear (module, input, output grad) for W
+    records: dict = field(default_factory=dict)  # Linear (weight, input, output) for B/W
+    wgrads: dict = field(default_factory=dict)  # Linear (weight, input, output grad) for W
     outputs: dict = field(default_factory=dict)  # last-stage outputs (inference)
     loss: torch.Tensor | None = None
     losses_left: int = 0  # last-stage forwards still to run before the loss is complete
@@ -240,16 +243,14 @@ class PipelineRuntime:
         for s, module in self.stages.items():
             lins = []
             if split and s not in self.checkpointed:
-                lins = [
-                    m
-                    for m in module.modules()
-                    if type(m) is nn.Linear and m.weight.requires_grad  # noqa: E721 - exact type
-                ]
-            deferred = {id(q) for m in lins for q in m.parameters()}
+                lins = [m for m in module.modules() if _plain_linear(m)]
+            deferred = {id(m.weight) for m in lins}
             self._deferred[s] = lins
             self._others[s] = [
                 q for q in module.parameters() if q.requires_grad and id(q) not in deferred
             ]
+        lins = {id(m): m for ms in self._deferred.values() for m in ms}  # a module used twice
+        self._recorders = [(m, self._recorder(m)) for m in lins.values()]
         # Shapes learned at run time, keyed by (stage, input micro-batch key).
         self._out_meta: dict[tuple, tuple] = {}  # outputs of my stages (for gradient receives)
         self._in_meta: dict[tuple, tuple] = {}  # outputs of a previous stage on another rank
@@ -351,14 +352,13 @@ class PipelineRuntime:
             step.loss_work = self._broadcast_loss(step.loss_buf, last_rank)
         # Linear layers whose weight gradient waits for W record their inputs, during plait's
         # own training steps only (other code may run the same modules)
-        hooks = [
-            m.register_forward_hook(self._record) for ms in self._deferred.values() for m in ms
-        ]
+        for m, forward in self._recorders:
+            m.forward = forward
         try:
             self._run(self._train_plan, step)
         finally:
-            for h in hooks:
-                h.remove()
+            for m, _ in self._recorders:
+                del m.forward
         if step.loss_work is not None:
             heartbeat.beat("wait loss broadcast")
             for work in step.loss_work:
@@ -416,8 +416,8 @@ class PipelineRuntime:
         return Timeline(p, [e for part in parts for e in part])
 
     def close(self) -> None:
-        """Release what the runtime holds between steps (its forward hooks live only in a step)
-        and its shared-memory rings; a closed runtime runs no more steps."""
+        """Release what the runtime holds between steps (its recording forwards live only in a
+        step) and its shared-memory rings; a closed runtime runs no more steps."""
         self._pending_sends = deque()
         if self._transport is not None:
             self._transport.close()
@@ -484,9 +484,20 @@ class PipelineRuntime:
 
     # compute
 
-    def _record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if self._recording is not None:
-            self._recording.append((module, args[0], output))
+    def _recorder(self, m: nn.Linear) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``m``'s forward during training steps: ``nn.Linear.forward``, recording the input and
+        the output of the product (a forward hook would see an output later hooks replaced, and
+        costs the module call's slow path)."""
+        linear = nn.functional.linear
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            w = m.weight
+            y = linear(x, w, m.bias)
+            if self._recording is not None:
+                self._recording.append((w, x, y))
+            return y
+
+        return forward
 
     def _forward(self, a: Action, step: _Step) -> None:
         s, i = a.stage, a.microbatch
@@ -577,34 +588,39 @@ class PipelineRuntime:
         wrt = xs + others + [out for _, _, out in records]
         grads = torch.autograd.grad(roots, wrt, grad_outputs=g, allow_unused=True)
         k = len(xs)
+        have, more = [], []
         for q, gq in zip(others, grads[k : k + len(others)]):
-            if gq is not None:
-                if q.grad is None:
-                    q.grad = gq
-                else:
-                    q.grad.add_(gq)
+            if gq is None:
+                continue
+            if q.grad is None:
+                q.grad = gq
+            else:
+                have.append(q.grad)
+                more.append(gq)
+        if have:
+            torch._foreach_add_(have, more)  # one call, not one per parameter
         dys = grads[k + len(others) :]
-        step.wgrads[(s, i)] = [(m, inp, dy) for (m, inp, _), dy in zip(records, dys)]
+        step.wgrads[(s, i)] = [(w, inp, dy) for (w, inp, _), dy in zip(records, dys)]
         self._pass_input_grad(s, i, xs, list(grads[:k]), step)
 
     @torch.no_grad()
     def _backward_weight(self, a: Action, step: _Step) -> None:
-        for m, inp, dy in step.wgrads.pop((a.stage, a.microbatch), ()):
+        # the weight itself was recorded, not its module (a module attribute is a slow lookup)
+        for w, inp, dy in step.wgrads.pop((a.stage, a.microbatch), ()):
             if dy is None:
                 continue
             dy2 = dy.reshape(-1, dy.shape[-1])
             x2 = inp.reshape(-1, inp.shape[-1])
-            if dy2.dtype != m.weight.dtype:
+            g = w.grad
+            if dy2.dtype != w.dtype:
                 # mixed precision (autocast): the product in the layer's compute dtype, as
                 # autograd forms it, accumulated into the float32 master's gradient
-                _accumulate(m.weight, dy2.t().mm(x2.to(dy2.dtype)).to(m.weight.dtype))
+                _accumulate(w, dy2.t().mm(x2.to(dy2.dtype)).to(w.dtype))
             # accumulate in place: no temporary the size of the weight
-            elif m.weight.grad is None:
-                m.weight.grad = dy2.t().mm(x2)
+            elif g is None:
+                w.grad = dy2.t().mm(x2)
             else:
-                m.weight.grad.addmm_(dy2.t(), x2)
-            if m.bias is not None and m.bias.requires_grad:
-                _accumulate(m.bias, dy2.sum(0).to(m.bias.dtype))
+                g.addmm_(dy2.t(), x2)
 
     # communication
 
@@ -765,6 +781,16 @@ def _unit_times(schedule: Schedule) -> tuple[dict, dict]:
             starts[(r, i)] = clock[r]
             clock[r] += _UNIT[a.kind]
     return starts, sent
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """An ``nn.Linear`` itself (no subclass) whose trainable weight's gradient W may form: its
+    ``forward`` is ``F.linear`` (not replaced on the instance, as adapters and offloading do)."""
+    return (
+        type(m) is nn.Linear  # noqa: E721 - exact type
+        and m.weight.requires_grad
+        and "forward" not in m.__dict__
+    )
 
 
 def _accumulate(param: torch.Tensor, grad: torch.Tensor) -> None:
